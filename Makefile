@@ -1,0 +1,31 @@
+# loraserve: the two commands are `make serve` and `make test`; everything else is a step of them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install. The default takes the CPU wheel on machines without CUDA; on a GPU
+# machine pass a CUDA build, e.g. `make install TORCH='torch==2.13.0' PIP_TORCH_ARGS='--index-url <your CUDA wheel index>'`.
+TORCH ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+
+.PHONY: install test lint proto serve bench bench-quick demo-assets clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_TORCH_ARGS) '$(TORCH)'
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check adapters server client tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

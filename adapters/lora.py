@@ -1,0 +1,394 @@
+"""LoRA: one math, two shapes.
+
+For a frozen linear layer ``W: in -> out`` a LoRA adapter adds a low-rank path::
+
+    y = x W^T + b  +  s * (x A) B          A: [in, r]   B: [r, out]   s: scalar
+
+      x ──► W (frozen) ───────────────────┐
+      │                                   + ──► y
+      └──► A [in, r] ──► B [r, out] ──► s ┘
+
+Why B starts at zero: a fresh adapter then leaves the model exactly as it was, and training moves
+it away from the base smoothly. Why A is kaiming-uniform: it keeps ``x A`` at the scale of ``x``.
+
+What ``s`` is depends on who made the adapter (the file records which, see ``adapters.format``):
+
+- the classic formulation (``LoRALayer(in, out, rank, alpha)``): ``s = alpha``;
+- PEFT: ``s = lora_alpha / r``; with ``use_rslora``: ``s = lora_alpha / sqrt(r)`` (``peft_scale``).
+
+Two shapes of the same math live here:
+
+- Training shape: ``LoRALayer`` / ``LinearWithLoRA`` / ``replace_linear_with_lora``. One adapter,
+  trainable ``A`` and ``B``, swapped into an already-built model by walking its module tree.
+- Serving shape: ``BatchedLoRALinear``. One frozen linear plus a preallocated *slot table* of many
+  adapters (``A: [slots+1, in, r_max]``, ``B: [slots+1, r_max, out]``, slot 0 all zeros = base
+  only, ranks zero-padded, ``s`` folded into ``B``). Every token of a batch names its slot, so
+  one forward serves rows of different adapters. The per-step routing lives in a ``LoRAContext``
+  shared by all batched layers of a model; the engine sets it once per forward, so the model code
+  knows nothing about LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Targets = str | Sequence[str] | None
+
+# What PEFT's "all-linear" shortcut means for a causal LM: every Linear except the output head.
+ALL_LINEAR = "all-linear"
+_OUTPUT_HEADS = ("lm_head",)
+
+
+def peft_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rank-stabilised LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALayer(nn.Module):
+    """The low-rank path alone: ``s * (dropout(x) @ A @ B)``, ``s = alpha`` unless ``scale`` is given."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        scale: float | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = float(alpha if scale is None else scale)
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        # Same init as nn.Linear's weight (kaiming-uniform, a=sqrt(5)); A is stored transposed, so
+        # init the [r, in] view to get fan_in = in_dim.
+        nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> Tensor:
+        """``s * A @ B`` as a ``[in, out]`` matrix (what merging adds to ``W^T``)."""
+        return self.scale * (self.A @ self.B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * (self.dropout(x) @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable ``LoRALayer``: ``linear(x) + lora(x)``.
+
+    ``merge()`` folds the delta into the linear weight for inference and ``unmerge()`` takes it
+    out again; both are idempotent.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        scale: float | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        w = linear.weight
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scale, dropout)
+        self.lora.to(device=w.device, dtype=w.dtype)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.linear.weight += self.lora.delta_weight().T.to(self.linear.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.linear.weight -= self.lora.delta_weight().T.to(self.linear.weight.dtype)
+            self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.linear(x)
+        return self.linear(x) + self.lora(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and swapping layers
+
+
+def match_target(name: str, targets: Targets) -> bool:
+    """Does module ``name`` match ``targets``, with PEFT's ``target_modules`` semantics?
+
+    - a list of names: the module name equals one, or ends with ``"." + one``;
+    - a string: a regular expression the whole module name must match;
+    - ``"all-linear"``: every module (the caller restricts to Linear) except the output head;
+    - ``None``: everything but the output head, like ``"all-linear"``.
+    """
+    if targets is None or targets == ALL_LINEAR:
+        return name.rsplit(".", 1)[-1] not in _OUTPUT_HEADS
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _base_linear(module: nn.Module) -> nn.Linear | None:
+    """The frozen Linear inside ``module`` (itself, or the one a LoRA wrapper holds)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if isinstance(module, (LinearWithLoRA, BatchedLoRALinear)):
+        return module.linear
+    return None
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every adaptable linear layer of ``model``: name -> ``(in_features, out_features)``."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LinearWithLoRA, BatchedLoRALinear)):
+            shapes[name] = (module.linear.in_features, module.linear.out_features)
+        elif isinstance(module, nn.Linear) and not _inside_wrapper(name, shapes):
+            shapes[name] = (module.in_features, module.out_features)
+    return shapes
+
+
+def _inside_wrapper(name: str, seen: dict[str, tuple[int, int]]) -> bool:
+    return name.endswith(".linear") and name[: -len(".linear")] in seen
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def target_names(model: nn.Module, targets: Targets) -> list[str]:
+    """Names of the plain Linear layers of ``model`` that ``targets`` selects, in module order."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and match_target(name, targets)
+    ]
+
+
+def replace_linear_with_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: Targets = None,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Swap every targeted ``nn.Linear`` of ``model`` for a ``LinearWithLoRA``, in place.
+
+    Returns the names swapped. Raises ``ValueError`` when ``targets`` selects nothing, since a
+    LoRA that adapts no layer is always a mistake (a misspelt target name).
+    """
+    names = target_names(model, targets)
+    if not names:
+        raise ValueError(f"no Linear layer matches target modules {targets!r}")
+    for name in names:
+        _swap(model, name, LinearWithLoRA(model.get_submodule(name), rank, alpha, scale, dropout))
+    return names
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze everything in ``model`` but the LoRA ``A`` and ``B`` matrices (the base stays frozen)."""
+    model.requires_grad_(False)
+    for _, param in lora_parameters(model):
+        param.requires_grad_(True)
+
+
+def lora_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    """The trainable (A, B) parameters of every LoRALayer in ``model``."""
+    for name, param in model.named_parameters():
+        if ".lora." in f".{name}" and name.rsplit(".", 1)[-1] in ("A", "B"):
+            yield name, param
+
+
+# --------------------------------------------------------------------------------------------
+# Serving: many adapters in one batch
+
+
+class LoRAContext:
+    """Which adapter slot every token of the current forward uses; shared by all batched layers.
+
+    The engine calls ``set_slots`` once per model forward. Routing that every layer would
+    otherwise recompute (the grouping of tokens by slot) is computed here once.
+    """
+
+    def __init__(self) -> None:
+        self.slots: Tensor | None = None  # [T] long, flattened [B, S] token order
+        self.segments: list[tuple[int, Tensor]] = []  # (slot, token indices) for slot != 0
+
+    def set_slots(self, slots: Tensor) -> None:
+        """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
+        flat = slots.reshape(-1).long()
+        self.slots = flat
+        self.segments = []
+        if flat.numel() == 0:
+            return
+        ids = torch.unique(flat).tolist()
+        if ids == [0]:
+            return
+        if len(ids) == 1:  # the whole batch on one adapter: no gather needed
+            self.segments = [(ids[0], None)]
+            return
+        for slot in ids:
+            if slot != 0:
+                self.segments.append((slot, torch.nonzero(flat == slot).squeeze(1)))
+
+    def clear(self) -> None:
+        self.slots = None
+        self.segments = []
+
+
+class BatchedLoRALinear(nn.Module):
+    """A frozen linear plus a slot table of adapters; each token picks its slot.
+
+    Semantics (the reference loop, ``backend="loop"``)::
+
+        y = linear(x)
+        for t in range(T):
+            s = slots[t]
+            y[t] += (x[t] @ A[s]) @ B[s]          # B[s] already holds the adapter's scale
+
+    Backends, chosen once at construction:
+
+    - ``"loop"``: the loop above, one token at a time. The reference; slow.
+    - ``"segment"``: group tokens by slot (grouping done once per step in ``LoRAContext``), one
+      ``x_g @ A[s] @ B[s]`` per distinct adapter. Reads each distinct adapter once; best when many
+      tokens share an adapter (prefill, or few adapters).
+    - ``"gather"``: gather every token's ``A``/``B`` and run two batched matmuls (BGMV
+      semantics). One kernel call whatever the number of adapters; best for decode steps where
+      most rows use different adapters.
+
+    Slot 0 is all zeros and means "base only", so a mixed batch needs no special case.
+    """
+
+    BACKENDS = ("loop", "segment", "gather")
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        max_slots: int,
+        max_rank: int,
+        context: LoRAContext,
+        backend: str = "segment",
+    ):
+        super().__init__()
+        if backend not in self.BACKENDS:
+            raise ValueError(f"unknown LoRA backend {backend!r}; choose from {self.BACKENDS}")
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        self.context = context
+        self.backend = backend
+        self.max_rank = max_rank
+        w = linear.weight
+        kw = {"device": w.device, "dtype": w.dtype}
+        # A: [slots+1, in, r_max]   B: [slots+1, r_max, out]   slot 0 stays zero forever.
+        self.register_buffer("A", torch.zeros(max_slots + 1, linear.in_features, max_rank, **kw))
+        self.register_buffer("B", torch.zeros(max_slots + 1, max_rank, linear.out_features, **kw))
+        self._forward_delta = {
+            "loop": self._delta_loop,
+            "segment": self._delta_segment,
+            "gather": self._delta_gather,
+        }[backend]
+
+    @property
+    def num_slots(self) -> int:
+        return self.A.shape[0] - 1
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:
+        """Fill ``slot`` (1..num_slots) with ``A: [in, r]``, ``B: [r, out]``, folding ``scale`` into B."""
+        if not 1 <= slot <= self.num_slots:
+            raise IndexError(f"slot {slot} outside 1..{self.num_slots}")
+        r = A.shape[1]
+        if r > self.max_rank:
+            raise ValueError(f"adapter rank {r} exceeds this layer's max rank {self.max_rank}")
+        if A.shape[0] != self.A.shape[1] or B.shape != (r, self.B.shape[2]):
+            raise ValueError(
+                f"adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit "
+                f"in={self.A.shape[1]} out={self.B.shape[2]}"
+            )
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, :, :r] = A.to(self.A.dtype)
+        # Scale in float32 before rounding to the table's dtype.
+        self.B[slot, :r] = (B.float() * scale).to(self.B.dtype)
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.num_slots:
+            raise IndexError(f"slot {slot} outside 1..{self.num_slots}")
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x)
+        if not self.context.segments:
+            return y  # every token on slot 0: the base model
+        shape = y.shape
+        xf = x.reshape(-1, x.shape[-1])  # [T, in]
+        yf = y.reshape(-1, shape[-1])  # [T, out]
+        return self._forward_delta(xf, yf).reshape(shape)
+
+    def _delta_loop(self, x: Tensor, y: Tensor) -> Tensor:
+        slots = self.context.slots.tolist()
+        out = y.clone()
+        for t, s in enumerate(slots):
+            out[t] += (x[t] @ self.A[s]) @ self.B[s]
+        return out
+
+    def _delta_segment(self, x: Tensor, y: Tensor) -> Tensor:
+        segments = self.context.segments
+        if len(segments) == 1 and segments[0][1] is None:
+            s = segments[0][0]
+            return y + (x @ self.A[s]) @ self.B[s]
+        out = y.clone()
+        for s, idx in segments:
+            out.index_add_(0, idx, (x.index_select(0, idx) @ self.A[s]) @ self.B[s])
+        return out
+
+    def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
+        slots = self.context.slots
+        h = torch.bmm(x.unsqueeze(1), self.A.index_select(0, slots))  # [T, 1, r_max]
+        return y + torch.bmm(h, self.B.index_select(0, slots)).squeeze(1)  # [T, out]
+
+
+def replace_linear_with_batched_lora(
+    model: nn.Module,
+    targets: Targets,
+    max_slots: int,
+    max_rank: int,
+    backend: str = "segment",
+) -> tuple[LoRAContext, dict[str, BatchedLoRALinear]]:
+    """Swap every targeted Linear for a ``BatchedLoRALinear`` sharing one new ``LoRAContext``."""
+    context = LoRAContext()
+    layers = {}
+    for name in target_names(model, targets):
+        layer = BatchedLoRALinear(model.get_submodule(name), max_slots, max_rank, context, backend)
+        _swap(model, name, layer)
+        layers[name] = layer
+    if not layers:
+        raise ValueError(f"no Linear layer matches target modules {targets!r}")
+    return context, layers

@@ -1,0 +1,1 @@
+"""loraserve client."""
