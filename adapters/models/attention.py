@@ -1,0 +1,91 @@
+"""Causal attention, with or without the static KV cache the engine drives.
+
+Contract for the engine:
+- `KVCache(config, max_batch, max_seq, device, dtype)` preallocates, per layer, k and v of shape
+  [max_batch, num_kv_heads, max_seq, head_dim]. A sequence owns one row (slot) of it for its
+  whole life; the engine chooses the row and passes it as `cache_rows`.
+- A forward with a cache first writes each token's k, v at cache[row, :, position], then a query
+  at position p attends to cache[row, :, 0..p] and nothing else. Therefore:
+  * a sequence's positions must cover 0..n-1 (prefill at once or in chunks, then one token per
+    decode step); each query reads entries 0..p, all written by this sequence;
+  * padding tokens in a ragged (right-padded) batch must get positions after their row's real
+    tokens and < max_seq (just keep counting). Their junk lies beyond every real query's
+    position and the real token that later takes that position overwrites it before any read;
+  * positions inside one row of one call must be distinct (the write is a scatter);
+  * a reused row needs no clearing: stale entries are either overwritten or never read.
+- Each cached forward reads `positions.max()` back to the host once (to size the read window
+  kv_len), not once per layer. With `cache_rows=None` rows 0..B-1 are read as views (no gather).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_batch: int,
+        max_seq: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if config.arch == "gpt2" and max_seq > config.max_position_embeddings:
+            # learned position embeddings: a position past the table is a CUDA device assert
+            raise ValueError(
+                f"max_seq={max_seq} > max_position_embeddings={config.max_position_embeddings}"
+            )
+        self.max_batch, self.max_seq, self.dtype = max_batch, max_seq, dtype
+        shape = (max_batch, config.num_kv_heads, max_seq, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def step(self, positions: Tensor, rows: Tensor | None = None) -> CacheStep:
+        """The view of this cache one forward uses. positions: Long[B, S]; rows: Long[B]."""
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_seq:
+            raise ValueError(f"position {kv_len - 1} does not fit a KV cache of {self.max_seq}")
+        key_pos = torch.arange(kv_len, device=positions.device)
+        mask = key_pos <= positions[:, None, :, None]  # [B, 1, S, kv_len]
+        return CacheStep(self, rows, positions, kv_len, mask)
+
+
+@dataclass
+class CacheStep:
+    cache: KVCache
+    rows: Tensor | None  # [B] cache rows, or None for rows 0..B-1
+    positions: Tensor  # [B, S]
+    kv_len: int
+    mask: Tensor  # bool [B, 1, S, kv_len], True where key_pos <= query_pos
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v: [B, Hkv, S, D] at their positions; return [B, Hkv, kv_len, D] to attend."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        B = k.shape[0]
+        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        index = (rows[:, None], slice(None), self.positions)  # selects [B, S, Hkv, D]
+        kc[index] = k.transpose(1, 2).to(kc.dtype)
+        vc[index] = v.transpose(1, 2).to(vc.dtype)
+        if self.rows is None:
+            return kc[:B, :, : self.kv_len], vc[:B, :, : self.kv_len]
+        return kc[self.rows, :, : self.kv_len], vc[self.rows, :, : self.kv_len]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, layer: int, step: CacheStep | None) -> Tensor:
+    """q: [B, H, S, D], k, v: [B, Hkv, S, D] -> [B, H, S, D]; scale 1/sqrt(D) as in HF."""
+    if step is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    k, v = step.update(layer, k, v)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
