@@ -50,7 +50,7 @@ def peft_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 
 
 class LoRALayer(nn.Module):
-    """The low-rank path alone: ``s * (dropout(x) @ A @ B)``, ``s = alpha`` unless ``scale`` is given."""
+    """The low-rank path alone: ``s * (dropout(x) @ A @ B)``; ``s = alpha`` unless ``scale``."""
 
     def __init__(
         self,
@@ -211,7 +211,7 @@ def replace_linear_with_lora(
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze everything in ``model`` but the LoRA ``A`` and ``B`` matrices (the base stays frozen)."""
+    """Freeze everything in ``model`` but the LoRA ``A`` and ``B`` matrices."""
     model.requires_grad_(False)
     for _, param in lora_parameters(model):
         param.requires_grad_(True)
@@ -319,7 +319,7 @@ class BatchedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def set_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:
-        """Fill ``slot`` (1..num_slots) with ``A: [in, r]``, ``B: [r, out]``, folding ``scale`` into B."""
+        """Fill ``slot`` (1..num_slots) with ``A: [in, r]``, ``B: [r, out]``; s folded into B."""
         if not 1 <= slot <= self.num_slots:
             raise IndexError(f"slot {slot} outside 1..{self.num_slots}")
         r = A.shape[1]
@@ -375,14 +375,48 @@ class BatchedLoRALinear(nn.Module):
         return y + torch.bmm(h, self.B.index_select(0, slots)).squeeze(1)  # [T, out]
 
 
+class LoRASlotTable:
+    """All batched layers of one model, filled and cleared together by slot.
+
+    ``fill(slot, weights)`` takes ``{module name: (A [in, r], B [r, out], scale)}``; layers the
+    adapter does not name get zeros in that slot, so a slot never leaks a previous adapter.
+    """
+
+    def __init__(self, context: LoRAContext, layers: dict[str, BatchedLoRALinear]):
+        self.context = context
+        self.layers = layers
+
+    @property
+    def num_slots(self) -> int:
+        return next(iter(self.layers.values())).num_slots if self.layers else 0
+
+    def fill(self, slot: int, weights: dict[str, tuple[Tensor, Tensor, float]]) -> None:
+        unknown = set(weights) - set(self.layers)
+        if unknown:
+            raise ValueError(f"no LoRA-enabled layer named {sorted(unknown)[:3]}")
+        for name, layer in self.layers.items():
+            if name in weights:
+                A, B, scale = weights[name]
+                layer.set_slot(slot, A, B, scale)
+            else:
+                layer.clear_slot(slot)
+
+    def clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+
+    def set_token_slots(self, slots: Tensor) -> None:
+        self.context.set_slots(slots)
+
+
 def replace_linear_with_batched_lora(
     model: nn.Module,
     targets: Targets,
     max_slots: int,
     max_rank: int,
     backend: str = "segment",
-) -> tuple[LoRAContext, dict[str, BatchedLoRALinear]]:
-    """Swap every targeted Linear for a ``BatchedLoRALinear`` sharing one new ``LoRAContext``."""
+) -> LoRASlotTable:
+    """Swap every targeted Linear for a ``BatchedLoRALinear``; all share one new ``LoRAContext``."""
     context = LoRAContext()
     layers = {}
     for name in target_names(model, targets):
@@ -391,4 +425,4 @@ def replace_linear_with_batched_lora(
         layers[name] = layer
     if not layers:
         raise ValueError(f"no Linear layer matches target modules {targets!r}")
-    return context, layers
+    return LoRASlotTable(context, layers)

@@ -205,8 +205,17 @@ def test_slots_can_be_cleared_and_refilled_and_slot_zero_is_protected():
 
 def test_replace_with_batched_lora_shares_one_context():
     model = Tiny()
-    ctx, layers = replace_linear_with_batched_lora(model, ["q_proj"], max_slots=3, max_rank=4)
-    assert sorted(layers) == ["layers.0.q_proj", "layers.1.q_proj"]
-    assert all(layer.context is ctx for layer in layers.values())
+    table = replace_linear_with_batched_lora(model, ["q_proj"], max_slots=3, max_rank=4)
+    assert sorted(table.layers) == ["layers.0.q_proj", "layers.1.q_proj"]
+    assert all(layer.context is table.context for layer in table.layers.values())
     assert isinstance(model.layers[0].q_proj, BatchedLoRALinear)
     assert linear_shapes(model) == linear_shapes(Tiny())
+    # filling a slot writes every layer; layers the adapter does not name are zeroed
+    A, B, s = make_adapters(1, 8, 8, [4])[0]
+    table.fill(1, {"layers.0.q_proj": (A, B, s)})
+    assert table.layers["layers.0.q_proj"].A[1].abs().sum() > 0
+    assert table.layers["layers.1.q_proj"].A[1].abs().sum() == 0
+    table.fill(1, {"layers.1.q_proj": (A, B, s)})
+    assert table.layers["layers.0.q_proj"].A[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="no LoRA-enabled layer"):
+        table.fill(2, {"layers.0.v_proj": (A, B, s)})

@@ -1,0 +1,222 @@
+"""Two cache tiers between the adapters folder and the batched LoRA layers.
+
+    disk ──(loader thread: read + validate)──► host memory ──(engine thread)──► device slot
+
+- Host tier: an LRU of loaded ``Adapter``s keyed by version, bounded by count and by bytes.
+  Misses are loaded on a background thread, so the engine never waits on disk; when a load
+  lands the engine is woken to admit the requests that waited for it.
+- Device tier: the slot table of ``adapters.lora.LoRASlotTable`` (``--max-active-adapters``
+  slots). A slot is pinned while any running sequence uses it; eviction picks the least
+  recently used *unpinned* slot, and only once the newcomer is loaded and validated, so a
+  broken file never costs a working adapter its slot. When every slot is pinned the request
+  waits in the queue: more adapters than slots are all served, taking turns.
+
+``acquire`` / ``release`` / ``set_token_slots`` run on the engine thread only (slot writes must
+not race a forward); the host tier is shared with the loader and is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from adapters.format import Adapter, InvalidAdapter
+from adapters.lora import LoRASlotTable
+from server.errors import AdapterUnavailable
+from server.registry import AdapterEntry, AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+
+class HostCache:
+    """LRU of adapters in host memory, bounded by count and by total bytes."""
+
+    def __init__(self, max_adapters: int, max_bytes: int, metrics=None):
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._items: OrderedDict[str, Adapter] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, version: str) -> Adapter | None:
+        with self._lock:
+            adapter = self._items.get(version)
+            if adapter is not None:
+                self._items.move_to_end(version)
+            return adapter
+
+    def put(self, adapter: Adapter) -> None:
+        """Insert as most recent, evicting the least recent until both bounds hold. The newest
+        entry always stays, even alone over the byte bound: a waiting request needs it."""
+        with self._lock:
+            if adapter.version in self._items:
+                self._items.move_to_end(adapter.version)
+                return
+            self._items[adapter.version] = adapter
+            self._bytes += adapter.nbytes
+            while len(self._items) > 1 and (
+                len(self._items) > self.max_adapters or self._bytes > self.max_bytes
+            ):
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+                if self.metrics is not None:
+                    self.metrics.observe_eviction("host")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def versions(self) -> set[str]:
+        with self._lock:
+            return set(self._items)
+
+
+class AdapterCache:
+    """What the engine calls to get an adapter into a device slot."""
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        table: LoRASlotTable,
+        host: HostCache,
+        device: torch.device | str = "cpu",
+        metrics=None,
+        wake: Callable[[], None] | None = None,
+        load_threads: int = 2,
+    ):
+        self.registry = registry
+        self.table = table
+        self.host = host
+        self.device = torch.device(device)
+        self.metrics = metrics
+        self.wake = wake or (lambda: None)
+        self._loader = ThreadPoolExecutor(load_threads, thread_name_prefix="loraserve-load")
+        self._loading: set[str] = set()  # versions with a load in flight
+        self._failed: dict[str, str] = {}  # version -> why its load failed
+        self._lock = threading.Lock()
+        # device tier, engine thread only
+        n = table.num_slots
+        self._free = list(range(n, 0, -1))
+        self._slot_of: dict[str, int] = {}  # version -> slot
+        self._version_in: dict[int, str] = {}  # slot -> version
+        self._refs: dict[int, int] = {}  # slot -> running sequences using it
+        self._idle: OrderedDict[int, None] = OrderedDict()  # unpinned filled slots, LRU first
+
+    # ------------------------------------------------------------ engine thread
+
+    def resolve(self, name: str) -> AdapterEntry:
+        return self.registry.resolve(name)
+
+    def acquire(self, name: str) -> tuple[int, str] | None:
+        """Pin a device slot holding ``name``'s current version: ``(slot, version)``, or None
+        while it is loading or every slot is pinned. Raises if the adapter is gone or broken."""
+        entry = self.registry.resolve(name)
+        slot = self._slot_of.get(entry.version)
+        if slot is not None:
+            self._pin(slot)
+            self._count("device", hit=True)
+            return slot, entry.version
+        adapter = self.host.get(entry.version)
+        if adapter is None:
+            self._load_in_background(entry)
+            return None
+        slot = self._free_slot()
+        if slot is None:
+            return None  # all slots pinned by running sequences: wait for one to finish
+        self._count("host", hit=True)
+        self._count("device", hit=False)
+        self._fill(slot, adapter)
+        self._pin(slot)
+        return slot, entry.version
+
+    def release(self, slot: int) -> None:
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            self._idle[slot] = None  # most recently used end
+
+    def set_token_slots(self, slots: torch.Tensor) -> None:
+        self.table.set_token_slots(slots)
+
+    def resident(self) -> dict[str, int]:
+        """Adapters per tier, for metrics and ``ListAdapters``."""
+        return {"device": len(self._slot_of), "host": len(self.host)}
+
+    def device_versions(self) -> set[str]:
+        return set(self._slot_of)
+
+    def pinned_slots(self) -> dict[int, int]:
+        return {s: n for s, n in self._refs.items() if n}
+
+    def _pin(self, slot: int) -> None:
+        self._refs[slot] = self._refs.get(slot, 0) + 1
+        self._idle.pop(slot, None)
+
+    def _free_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if not self._idle:
+            return None
+        slot, _ = self._idle.popitem(last=False)
+        old = self._version_in.pop(slot)
+        del self._slot_of[old]
+        if self.metrics is not None:
+            self.metrics.observe_eviction("device")
+        return slot
+
+    def _fill(self, slot: int, adapter: Adapter) -> None:
+        dev = self.device
+        self.table.fill(
+            slot,
+            {n: (w.A.to(dev), w.B.to(dev), w.scale) for n, w in adapter.modules.items()},
+        )
+        self._slot_of[adapter.version] = slot
+        self._version_in[slot] = adapter.version
+
+    # ------------------------------------------------------------ host tier, loader thread
+
+    def offer(self, adapter: Adapter) -> None:
+        """A freshly deployed adapter the registry just read: keep it warm in host memory."""
+        self.host.put(adapter)
+
+    def _load_in_background(self, entry: AdapterEntry) -> None:
+        with self._lock:
+            if entry.version in self._failed:
+                raise AdapterUnavailable(entry.name, self._failed[entry.version])
+            if entry.version in self._loading:
+                return
+            self._loading.add(entry.version)
+        self._count("host", hit=False)
+        self._count("device", hit=False)
+        self._loader.submit(self._load, entry)
+
+    def _load(self, entry: AdapterEntry) -> None:
+        try:
+            adapter = self.registry.load(entry)
+            self.host.put(adapter)
+        except (InvalidAdapter, OSError) as err:
+            log.warning("loading adapter %s version %s failed: %s", entry.name, entry.version, err)
+            with self._lock:
+                self._failed[entry.version] = str(err)
+            self.registry.refresh(entry.name)
+        finally:
+            with self._lock:
+                self._loading.discard(entry.version)
+            self.wake()
+
+    def _count(self, tier: str, hit: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_cache(tier, hit)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)

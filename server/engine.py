@@ -1,0 +1,550 @@
+"""The engine: one thread owns the model and turns requests into streams of tokens.
+
+Contract. The engine works on token ids, adapter names and ``SamplingParams``; it knows nothing
+of gRPC or protobuf. ``submit`` is thread-safe and returns a ``RequestHandle`` whose events
+(``TokenEvent``s, then one ``FinishEvent``) are delivered through a callback, so a thread can
+iterate them and an asyncio server can forward them with ``call_soon_threadsafe``.
+
+Continuous batching. Every ``step``:
+
+1. drops cancelled and timed-out sequences (their KV row and adapter slot are freed at once);
+2. admits waiting requests in arrival order while KV rows are free and the prefill token budget
+   lasts (at least one per step, so a long prompt is never starved). A request whose adapter is
+   not in a device slot yet asks the adapter cache to load it and stays queued *without*
+   blocking requests behind it whose adapters are ready;
+3. prefills the admitted prompts in one forward (right-padded) and samples their first token;
+4. decodes one token for every sequence that was already running, in one forward.
+
+Rows of different adapters share each forward: every token carries its adapter's slot in the
+batched LoRA layers (``adapters.lora.BatchedLoRALinear``), slot 0 being the base model.
+
+KV cache: static per-sequence rows. ``max_batch_size`` rows of ``max_seq_len`` positions are
+allocated once at start-up; a sequence takes a free row when admitted and gives it back the step
+it finishes. We chose this over a paged cache because with plain PyTorch attention a paged cache
+needs a gather of each row's blocks on every step, which costs more than it saves at the batch
+sizes a LoRA server runs on one device, and because the memory bound is fixed and known at
+start-up (a server never runs out of cache mid-request). The price is that a short sequence
+reserves a full row; ``max_seq_len`` is the knob.
+
+Batch invariance: each row's logits depend only on its own tokens (padding and stale cache
+entries are masked by position), and sampling uses the row's own generator, so a request's
+greedy output is the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.tokenizer import IncrementalDetokenizer
+from server.errors import InvalidRequest, QueueFull, ServingError, ShuttingDown
+from server.sampling import (
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+    make_generator,
+    sample,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_new_tokens or the end of the KV row
+    CANCELLED = "cancelled"  # client cancel, deadline, or shutdown
+    ERROR = "error"  # the request failed; FinishEvent.error says why
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    max_seq_len: int = 512
+    max_queue: int = 256
+    # prompt tokens admitted per step; bounds how long running decodes wait for a prefill
+    prefill_token_budget: int = 2048
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str = ""  # "" = the base model
+    request_id: str = ""
+    deadline: float | None = None  # time.monotonic() after which the request is cancelled
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_version: str = ""
+    error: ServingError | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_version: str
+
+
+Event = TokenEvent | FinishEvent
+
+
+class RequestHandle:
+    """The caller's side of one request: events arrive through ``on_event`` (default: a queue)."""
+
+    def __init__(self, request: GenerationRequest, on_event: Callable[[Event], None] | None = None):
+        self.request = request
+        self._queue: queue.SimpleQueue[Event] | None = None
+        if on_event is None:
+            self._queue = queue.SimpleQueue()
+            on_event = self._queue.put
+        self.on_event = on_event
+        self.cancelled = threading.Event()
+        self._outcome: Completion | ServingError | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the sequence at its next step."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise TypeError("this handle delivers events to a callback")
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
+
+    def result(self) -> Completion:
+        """Block until the request finishes; raise its error if it failed. Idempotent."""
+        if self._outcome is None:
+            text, ids = [], []
+            for event in self:
+                if isinstance(event, TokenEvent):
+                    text.append(event.text)
+                    ids.extend(event.token_ids)
+            self._outcome = event.error or Completion(
+                "".join(text),
+                ids,
+                event.reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.adapter_version,
+            )
+        if isinstance(self._outcome, Exception):
+            raise self._outcome
+        return self._outcome
+
+
+class BaseOnlyAdapters:
+    """The adapter side of an engine that serves the base model alone (mock-model tests)."""
+
+    def resolve(self, name: str):
+        from server.errors import AdapterNotFound
+
+        raise AdapterNotFound(name)
+
+    def acquire(self, name: str):
+        raise AssertionError("unreachable")
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def set_token_slots(self, slots: torch.Tensor) -> None:
+        pass
+
+
+class _Sequence:
+    """One admitted request: its KV row, adapter slot, generated tokens and text state."""
+
+    def __init__(
+        self, handle: RequestHandle, row: int, slot: int, version: str, detok, t_arrival: float
+    ):
+        self.handle = handle
+        self.request = handle.request
+        self.params = handle.request.params
+        self.row = row
+        self.slot = slot
+        self.version = version
+        self.generator = make_generator(self.params)
+        self.prompt_len = len(self.request.prompt_ids)
+        self.position = self.prompt_len  # where last_token's k/v go on the next decode
+        self.last_token = self.request.prompt_ids[-1]
+        self.generated: list[int] = []
+        self.detok = detok
+        self.text = ""  # detokenized so far (held-back part included)
+        self.emitted = 0  # chars of self.text already sent
+        self.reported_ids = 0  # token ids already sent
+        self.t_arrival = t_arrival
+        self.t_last = t_arrival
+
+
+class Engine:
+    """Owns the model; ``start()`` runs ``step()`` on a thread of its own."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache,
+        tokenizer,
+        config: EngineConfig,
+        adapters=None,
+        metrics=None,
+        device: torch.device | str = "cpu",
+    ):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.tokenizer = tokenizer
+        self.config = config
+        self.adapters = adapters if adapters is not None else BaseOnlyAdapters()
+        self.metrics = metrics
+        self.device = torch.device(device)
+        self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.vocab_size = tokenizer.vocab_size
+
+        self._lock = threading.Condition()
+        self._waiting: deque[tuple[RequestHandle, float]] = deque()
+        self._running: list[_Sequence] = []
+        self._free_rows = list(range(config.max_batch_size - 1, -1, -1))
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- the caller's side
+
+    def submit(
+        self, request: GenerationRequest, on_event: Callable[[Event], None] | None = None
+    ) -> RequestHandle:
+        """Validate and enqueue; raises ``InvalidRequest``, ``QueueFull``, ``ShuttingDown``,
+        ``AdapterNotFound`` / ``AdapterUnavailable`` synchronously so callers get them at once."""
+        self.validate(request)
+        if request.adapter:
+            self.adapters.resolve(request.adapter)
+        handle = RequestHandle(request, on_event)
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("server is shutting down; not accepting new requests")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"request queue is full ({self.config.max_queue} waiting)")
+            self._waiting.append((handle, time.monotonic()))
+            self._lock.notify()
+        return handle
+
+    def generate(self, request: GenerationRequest) -> Completion:
+        return self.submit(request).result()
+
+    def validate(self, request: GenerationRequest) -> None:
+        ids, p, cfg = request.prompt_ids, request.params, self.config
+        if not ids:
+            raise InvalidRequest("prompt", "is empty (give prompt text or prompt_token_ids)")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(
+                "prompt_token_ids",
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+            )
+        if len(ids) >= cfg.max_seq_len:
+            raise InvalidRequest(
+                "prompt",
+                f"{len(ids)} tokens does not fit max_seq_len {cfg.max_seq_len} "
+                "(the prompt plus at least one generated token must fit)",
+            )
+        if not 1 <= p.max_new_tokens <= cfg.max_seq_len:
+            raise InvalidRequest(
+                "params.max_new_tokens",
+                f"must be in [1, {cfg.max_seq_len}], got {p.max_new_tokens}",
+            )
+        if not p.temperature >= 0:  # also refuses NaN
+            raise InvalidRequest("params.temperature", f"must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest("params.top_p", f"must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest("params.top_k", f"must be >= 0 (0 = off), got {p.top_k}")
+        if len(p.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in p.stop):
+            raise InvalidRequest(
+                "params.stop",
+                f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} chars",
+            )
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            running, waiting = len(self._running), len(self._waiting)
+            tokens = sum(s.position for s in self._running)
+        return {
+            "running": running,
+            "waiting": waiting,
+            "kv_rows_used": running,
+            "kv_rows_total": self.config.max_batch_size,
+            "kv_tokens_used": tokens,
+            "kv_tokens_total": self.config.max_batch_size * self.config.max_seq_len,
+        }
+
+    # ---------------------------------------------------------------- thread control
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Drain: refuse new requests, let running and queued ones finish for ``grace`` seconds,
+        cancel what is left, stop the thread."""
+        with self._lock:
+            self._accepting = False
+            self._lock.notify()
+        end = time.monotonic() + grace
+        while time.monotonic() < end and self.busy():
+            time.sleep(0.01)
+        with self._lock:
+            for handle, _ in self._waiting:
+                handle.cancel()
+            for seq in self._running:
+                seq.handle.cancel()
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def wake(self) -> None:
+        """Called by the adapter cache when a load finishes: a waiting request may be admissible."""
+        with self._lock:
+            self._lock.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self._waiting or self._running):
+                    self._lock.wait()
+                if self._stop and not (self._waiting or self._running):
+                    return
+            worked = self.step()
+            if not worked:
+                # only waiting requests whose adapters are loading: sleep until a load lands
+                with self._lock:
+                    self._lock.wait(timeout=0.05)
+
+    # ---------------------------------------------------------------- one step
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduling iteration; returns whether any forward ran or anything finished."""
+        reaped = self._reap()
+        admitted = self._admit()
+        decoding = [s for s in self._running if s not in admitted]
+        if admitted:
+            self._run_batch(admitted, prefill=True)
+        if decoding:
+            self._run_batch(decoding, prefill=False)
+        if self.metrics is not None and (admitted or decoding):
+            self.metrics.observe_step(len(admitted) + len(decoding), self.stats())
+        return bool(admitted or decoding or reaped)
+
+    def _reap(self) -> bool:
+        now = time.monotonic()
+
+        def gone(h: RequestHandle) -> bool:
+            return h.cancelled.is_set() or (
+                h.request.deadline is not None and now > h.request.deadline
+            )
+
+        reaped = False
+        for seq in [s for s in self._running if gone(s.handle)]:
+            self._finish(seq, FinishReason.CANCELLED)
+            reaped = True
+        with self._lock:
+            dropped = [(h, t) for h, t in self._waiting if gone(h)]
+            for item in dropped:
+                self._waiting.remove(item)
+        for handle, _ in dropped:
+            handle.on_event(FinishEvent(FinishReason.CANCELLED, len(handle.request.prompt_ids), 0))
+            reaped = True
+        return reaped
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.config.prefill_token_budget
+        with self._lock:
+            candidates = list(self._waiting)
+        for handle, t_arrival in candidates:
+            if not self._free_rows:
+                break
+            n = len(handle.request.prompt_ids)
+            if admitted and n > budget:
+                break  # keep arrival order: the next step starts with this one
+            try:
+                placed = self._place(handle.request.adapter)
+            except ServingError as err:  # retired or broken while it waited
+                self._dequeue(handle)
+                handle.on_event(FinishEvent(FinishReason.ERROR, n, 0, error=err))
+                continue
+            if placed is None:
+                continue  # adapter loading; requests behind it may go ahead
+            slot, version = placed
+            self._dequeue(handle)
+            detok = IncrementalDetokenizer(self.tokenizer, handle.request.prompt_ids)
+            seq = _Sequence(handle, self._free_rows.pop(), slot, version, detok, t_arrival)
+            with self._lock:
+                self._running.append(seq)
+            if self.metrics is not None:
+                self.metrics.observe_queue_time(
+                    handle.request.adapter, time.monotonic() - t_arrival
+                )
+            admitted.append(seq)
+            budget -= n
+        return admitted
+
+    def _place(self, adapter: str) -> tuple[int, str] | None:
+        if not adapter:
+            return 0, ""
+        return self.adapters.acquire(adapter)
+
+    def _dequeue(self, handle: RequestHandle) -> None:
+        with self._lock:
+            for item in self._waiting:
+                if item[0] is handle:
+                    self._waiting.remove(item)
+                    return
+
+    def _run_batch(self, seqs: list[_Sequence], prefill: bool) -> None:
+        try:
+            logits = self._forward(seqs, prefill)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception as err:  # one bad batch fails its requests, never the engine
+            log.exception("forward failed for %d sequence(s)", len(seqs))
+            for seq in seqs:
+                self._finish(seq, FinishReason.ERROR, error=ServingError(f"internal error: {err}"))
+            return
+        now = time.monotonic()
+        for seq, token in zip(seqs, tokens):
+            self._accept_token(seq, token, now)
+
+    def _forward(self, seqs: list[_Sequence], prefill: bool) -> torch.Tensor:
+        """Build the batch tensors and run the model; returns next-token logits ``[B, V]``."""
+        if prefill:
+            lengths = [s.prompt_len for s in seqs]
+            width = max(lengths)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : s.prompt_len] = torch.tensor(s.request.prompt_ids)
+            # pads sit after each prompt at positions < width <= max_seq_len; they write k/v the
+            # row's later decode steps overwrite before ever attending to them
+            positions = torch.arange(width).expand(len(seqs), width)
+            last = torch.tensor(lengths) - 1
+        else:
+            ids = torch.tensor([[s.last_token] for s in seqs])
+            positions = torch.tensor([[s.position] for s in seqs])
+            last = torch.zeros(len(seqs), dtype=torch.long)
+        slots = torch.tensor([s.slot for s in seqs])[:, None].expand_as(ids)
+        rows = torch.tensor([s.row for s in seqs])
+        dev = self.device
+        self.adapters.set_token_slots(slots.to(dev))
+        return self.model(
+            ids.to(dev),
+            positions=positions.to(dev),
+            kv_cache=self.kv_cache,
+            cache_rows=rows.to(dev),
+            logits_at=last.to(dev),
+        )
+
+    def _accept_token(self, seq: _Sequence, token: int, now: float) -> None:
+        if self.metrics is not None:
+            if seq.generated:
+                self.metrics.observe_inter_token(now - seq.t_last)
+            else:
+                self.metrics.observe_first_token(seq.request.adapter, now - seq.t_arrival)
+        seq.t_last = now
+        seq.generated.append(token)
+        if token in self.eos_ids:
+            self._finish(seq, FinishReason.STOP, flush=True)
+            return
+        seq.last_token = token
+        seq.position = seq.prompt_len + len(seq.generated) - 1  # where `token` goes next step
+        seq.text += seq.detok.push(token)
+        if self._check_stop(seq):
+            return
+        total = seq.prompt_len + len(seq.generated)  # prompt + output never exceed max_seq_len
+        if len(seq.generated) >= seq.params.max_new_tokens or total >= self.config.max_seq_len:
+            self._finish(seq, FinishReason.LENGTH, flush=True)
+            return
+        self._emit(seq, len(seq.text) - _held_back(seq.text, seq.params.stop))
+
+    def _check_stop(self, seq: _Sequence) -> bool:
+        """Finish at the first stop string; the stop string itself is not emitted."""
+        if not seq.params.stop:
+            return False
+        # a stop string can only begin in text that was never emitted, or end inside it
+        start = max(0, seq.emitted - max(len(s) for s in seq.params.stop))
+        hits = [i for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        self._emit(seq, min(hits))
+        self._finish(seq, FinishReason.STOP)
+        return True
+
+    def _emit(self, seq: _Sequence, upto: int) -> None:
+        new_ids = seq.generated[seq.reported_ids :]
+        if seq.generated and new_ids and new_ids[-1] in self.eos_ids:
+            new_ids = new_ids[:-1]
+        text = seq.text[seq.emitted : upto] if upto > seq.emitted else ""
+        if text or new_ids:
+            seq.handle.on_event(TokenEvent(new_ids, text))
+            seq.reported_ids = len(seq.generated)
+            seq.emitted = max(seq.emitted, upto)
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        error: ServingError | None = None,
+        flush: bool = False,
+    ) -> None:
+        """Release the sequence's KV row and adapter slot and send its last event. ``flush``
+        sends the text still held back (an unfinished UTF-8 char or stop-string prefix)."""
+        if flush:
+            seq.text += seq.detok.flush()
+            self._emit(seq, len(seq.text))
+        with self._lock:
+            self._running.remove(seq)
+        self._free_rows.append(seq.row)
+        if seq.slot:
+            self.adapters.release(seq.slot)
+        event = FinishEvent(reason, seq.prompt_len, len(seq.generated), seq.version, error)
+        if self.metrics is not None:
+            self.metrics.observe_finish(seq.request.adapter, event)
+        seq.handle.on_event(event)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing chars of ``text`` could still be the start of a stop string."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:k]):
+                keep = k
+                break
+    return keep

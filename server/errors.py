@@ -1,0 +1,54 @@
+"""Domain errors raised inside the server. The gRPC layer maps each to one status code.
+
+Nothing here knows about gRPC; ``server.servicer.status_for`` is the one place that translates.
+"""
+
+from adapters.format import InvalidAdapter
+
+
+class ServingError(Exception):
+    """Base class: an error that fails one request, never the server."""
+
+
+class AdapterNotFound(ServingError):
+    def __init__(self, name: str):
+        super().__init__(
+            f"adapter {name!r} is not deployed (no such file or folder in the adapters directory)"
+        )
+        self.name = name
+
+
+class AdapterUnavailable(ServingError):
+    """The adapter exists but its current file is invalid and no working version is loaded."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"adapter {name!r} cannot be served: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class InvalidRequest(ServingError):
+    """A request argument is out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueueFull(ServingError):
+    pass
+
+
+class ShuttingDown(ServingError):
+    pass
+
+
+__all__ = [
+    "AdapterNotFound",
+    "AdapterUnavailable",
+    "InvalidAdapter",
+    "InvalidRequest",
+    "QueueFull",
+    "ServingError",
+    "ShuttingDown",
+]

@@ -1,0 +1,239 @@
+"""Prometheus metrics, prefix ``loraserve_``. One ``Metrics`` per server, on its own registry.
+
+The engine, the adapter cache and the servicer call the ``observe_*`` methods; gauges that are
+a property of current state (running/waiting requests, KV usage, adapters per tier) are read at
+scrape time from callbacks, so they are never stale.
+
+Cardinality: the ``adapter`` label takes at most ``max_adapter_labels`` distinct names, given
+out first come, first served; every later adapter is reported as ``__other__``. The base model
+is ``__base__``. Thousands of adapters cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+BASE_LABEL = "__base__"
+OTHER_LABEL = "__other__"
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class AdapterLabels:
+    """Maps adapter names to a bounded set of label values."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._given: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str) -> str:
+        if not name:
+            return BASE_LABEL
+        with self._lock:
+            if name in self._given:
+                return name
+            if len(self._given) < self.cap:
+                self._given.add(name)
+                return name
+        return OTHER_LABEL
+
+
+class Metrics:
+    def __init__(self, max_adapter_labels: int = 100):
+        self.registry = r = CollectorRegistry()
+        self.label = AdapterLabels(max_adapter_labels)
+        ns = "loraserve"
+        self.requests = Counter(
+            "requests",
+            "Finished gRPC requests by adapter and status code.",
+            ["adapter", "code"],
+            namespace=ns,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "Time from arrival to the last token.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "inter_token_latency_seconds",
+            "Time between consecutive tokens of one request.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "queue_time_seconds",
+            "Time a request waited before its prefill.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "prompt_tokens",
+            "Prompt tokens processed.",
+            ["adapter"],
+            namespace=ns,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "generated_tokens",
+            "Tokens generated.",
+            ["adapter"],
+            namespace=ns,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "Sequences per engine step.",
+            buckets=BATCH_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.steps = Counter("engine_steps", "Engine steps run.", namespace=ns, registry=r)
+        self.running = Gauge(
+            "running_requests", "Sequences being generated.", namespace=ns, registry=r
+        )
+        self.waiting = Gauge(
+            "waiting_requests", "Requests queued, not yet admitted.", namespace=ns, registry=r
+        )
+        self.kv_usage = Gauge(
+            "kv_cache_usage_ratio", "Fraction of KV-cache rows in use.", namespace=ns, registry=r
+        )
+        self.kv_tokens = Gauge(
+            "kv_cache_tokens", "Token positions held in the KV cache.", namespace=ns, registry=r
+        )
+        self.resident = Gauge(
+            "adapters_resident",
+            "Adapters resident per cache tier (disk = registered).",
+            ["tier"],
+            namespace=ns,
+            registry=r,
+        )
+        self.loads = Counter(
+            "adapter_loads",
+            "Adapter reads from disk by result (ok, invalid).",
+            ["result"],
+            namespace=ns,
+            registry=r,
+        )
+        self.load_duration = Histogram(
+            "adapter_load_duration_seconds",
+            "Time to read and validate an adapter from disk.",
+            buckets=LATENCY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.invalid_files = Counter(
+            "adapter_invalid_files",
+            "Adapter files refused (each distinct reason once).",
+            namespace=ns,
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "adapter_cache_hits", "Adapter cache hits per tier.", ["tier"], namespace=ns, registry=r
+        )
+        self.cache_misses = Counter(
+            "adapter_cache_misses",
+            "Adapter cache misses per tier.",
+            ["tier"],
+            namespace=ns,
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "adapter_cache_evictions",
+            "Adapters evicted per tier.",
+            ["tier"],
+            namespace=ns,
+            registry=r,
+        )
+        for tier in ("host", "device"):
+            self.cache_hits.labels(tier)
+            self.cache_misses.labels(tier)
+            self.cache_evictions.labels(tier)
+        for result in ("ok", "invalid"):
+            self.loads.labels(result)
+
+    # -------------------------------------------------------------- state read at scrape time
+
+    def bind_state(
+        self,
+        engine_stats: Callable[[], dict[str, int]],
+        residency: Callable[[], dict[str, int]],
+    ) -> None:
+        def stat(key: str) -> Callable[[], float]:
+            return lambda: engine_stats()[key]
+
+        self.running.set_function(stat("running"))
+        self.waiting.set_function(stat("waiting"))
+        self.kv_tokens.set_function(stat("kv_tokens_used"))
+        self.kv_usage.set_function(
+            lambda: (s := engine_stats())["kv_rows_used"] / max(1, s["kv_rows_total"])
+        )
+        for tier in ("disk", "host", "device"):
+            self.resident.labels(tier).set_function(lambda t=tier: residency().get(t, 0))
+
+    # -------------------------------------------------------------- engine
+
+    def observe_step(self, batch_size: int, stats: dict[str, int]) -> None:
+        self.steps.inc()
+        self.batch_size.observe(batch_size)
+
+    def observe_queue_time(self, adapter: str, seconds: float) -> None:
+        self.queue_time.labels(self.label(adapter)).observe(seconds)
+
+    def observe_first_token(self, adapter: str, seconds: float) -> None:
+        self.ttft.labels(self.label(adapter)).observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def observe_finish(self, adapter: str, event) -> None:
+        label = self.label(adapter)
+        self.prompt_tokens.labels(label).inc(event.prompt_tokens)
+        self.generated_tokens.labels(label).inc(event.completion_tokens)
+
+    # -------------------------------------------------------------- adapters
+
+    def observe_load(self, result: str, seconds: float) -> None:
+        self.loads.labels(result).inc()
+        self.load_duration.observe(seconds)
+
+    def observe_invalid_file(self, name: str) -> None:
+        self.invalid_files.inc()
+
+    def observe_cache(self, tier: str, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).labels(tier).inc()
+
+    def observe_eviction(self, tier: str) -> None:
+        self.cache_evictions.labels(tier).inc()
+
+    # -------------------------------------------------------------- requests (servicer)
+
+    def observe_request(self, adapter: str, code: str, seconds: float) -> None:
+        label = self.label(adapter)
+        self.requests.labels(label, code).inc()
+        self.request_duration.labels(label).observe(seconds)
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Start the ``/metrics`` HTTP endpoint; returns ``(server, port)``."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_port

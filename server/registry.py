@@ -1,0 +1,197 @@
+"""The adapters folder as a set of named, versioned adapters.
+
+Each entry of ``--adapters DIR`` is one adapter named after it: ``NAME.safetensors`` (a single
+file) or ``NAME/`` (a PEFT folder). Dotfiles and ``*.tmp`` / ``*.partial`` are ignored, so a
+writer that writes a temp name and renames is never seen half-way.
+
+``refresh(name)`` is the only way the registry changes: it re-reads the entry, and
+
+- valid (parses, sizes match, fits the base model) -> it becomes the current version (its
+  content hash); the adapter just read is handed to ``on_loaded`` so the cache starts warm;
+- invalid -> the reason is recorded and logged, and a working current version stays current;
+- gone -> the adapter is retired: new requests get ``AdapterNotFound``. Requests already running
+  hold their own device slot and finish on the weights they started with.
+
+Thread-safe: the watcher refreshes from its thread, the engine resolves from its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.format import NAME_RE, Adapter, InvalidAdapter, read_adapter
+from server.errors import AdapterNotFound, AdapterUnavailable
+
+log = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = (".tmp", ".partial")
+SINGLE_FILE_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    path: Path
+    version: str
+    rank: int
+    nbytes: int
+
+
+def adapter_name_for(directory: Path, path: Path) -> str | None:
+    """The adapter a path inside ``directory`` belongs to, or None if it is not an adapter's."""
+    try:
+        rel = path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return None
+    if not rel.parts:
+        return None
+    top = rel.parts[0]
+    if top.startswith(".") or top.endswith(IGNORED_SUFFIXES):
+        return None
+    if len(rel.parts) > 1:  # a file inside a PEFT folder
+        if rel.parts[-1].startswith(".") or rel.parts[-1].endswith(IGNORED_SUFFIXES):
+            return None
+        name = top
+    elif top.endswith(SINGLE_FILE_SUFFIX):
+        name = top[: -len(SINGLE_FILE_SUFFIX)]
+    elif (directory / top).is_dir() or not (directory / top).exists():
+        name = top  # a folder, or something that was one and is gone
+    else:
+        return None
+    return name if NAME_RE.fullmatch(name) else None
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        directory: str | Path,
+        check: Callable[[Adapter], None],
+        on_loaded: Callable[[Adapter], None] | None = None,
+        metrics=None,
+    ):
+        self.directory = Path(directory)
+        self.check = check  # raises InvalidAdapter when an adapter does not fit the base model
+        self.on_loaded = on_loaded
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._current: dict[str, AdapterEntry] = {}
+        self._errors: dict[str, str] = {}  # name -> why its newest file was refused
+
+    # ------------------------------------------------------------ reading the folder
+
+    def scan(self) -> None:
+        """Register every adapter in the folder (start-up), and retire the ones that are gone."""
+        names = {n for p in self.directory.iterdir() if (n := adapter_name_for(self.directory, p))}
+        with self._lock:
+            names |= set(self._current) | set(self._errors)
+        for name in sorted(names):
+            self.refresh(name)
+
+    def path_for(self, name: str) -> Path | None:
+        single = self.directory / f"{name}{SINGLE_FILE_SUFFIX}"
+        folder = self.directory / name
+        if single.is_file() and folder.is_dir():
+            raise InvalidAdapter(f"both {single.name} and {folder.name}/ exist; keep one")
+        if single.is_file():
+            return single
+        if folder.is_dir():
+            return folder
+        return None
+
+    def refresh(self, name: str) -> AdapterEntry | None:
+        """Re-read one adapter from disk; returns its current entry (None once retired)."""
+        try:
+            path = self.path_for(name)
+            if path is None:
+                self._retire(name)
+                return None
+            adapter = self.load_path(path, name)
+        except InvalidAdapter as err:
+            self._refuse(name, str(err))
+            return self.current(name)
+        except OSError as err:  # vanished or unreadable between listing and reading
+            self._refuse(name, f"cannot read: {err}")
+            return self.current(name)
+        return self._publish(name, path, adapter)
+
+    def load_path(self, path: Path, name: str) -> Adapter:
+        """Read and validate; records load metrics. Raises ``InvalidAdapter``."""
+        t0 = time.perf_counter()
+        try:
+            adapter = read_adapter(path, name)
+            self.check(adapter)
+        except (InvalidAdapter, OSError):
+            if self.metrics is not None:
+                self.metrics.observe_load("invalid", time.perf_counter() - t0)
+            raise
+        if self.metrics is not None:
+            self.metrics.observe_load("ok", time.perf_counter() - t0)
+        return adapter
+
+    def _publish(self, name: str, path: Path, adapter: Adapter) -> AdapterEntry:
+        entry = AdapterEntry(name, path, adapter.version, adapter.rank, adapter.nbytes)
+        with self._lock:
+            old = self._current.get(name)
+            self._current[name] = entry
+            self._errors.pop(name, None)
+        if old is None or old.version != entry.version:
+            verb = "deployed" if old is None else f"upgraded from {old.version} to"
+            log.info("adapter %s %s version %s (rank %d)", name, verb, entry.version, entry.rank)
+            if self.on_loaded is not None:
+                self.on_loaded(adapter)
+        return entry
+
+    def _refuse(self, name: str, reason: str) -> None:
+        with self._lock:
+            seen = self._errors.get(name) == reason
+            self._errors[name] = reason
+            kept = self._current.get(name)
+        if not seen:
+            keeping = f"; still serving version {kept.version}" if kept else ""
+            log.warning("adapter %s refused: %s%s", name, reason, keeping)
+            if self.metrics is not None:
+                self.metrics.observe_invalid_file(name)
+
+    def _retire(self, name: str) -> None:
+        with self._lock:
+            old = self._current.pop(name, None)
+            self._errors.pop(name, None)
+        if old is not None:
+            log.info("adapter %s retired (version %s)", name, old.version)
+
+    # ------------------------------------------------------------ queries
+
+    def current(self, name: str) -> AdapterEntry | None:
+        with self._lock:
+            return self._current.get(name)
+
+    def resolve(self, name: str) -> AdapterEntry:
+        with self._lock:
+            entry = self._current.get(name)
+            error = self._errors.get(name)
+        if entry is not None:
+            return entry
+        if error is not None:
+            raise AdapterUnavailable(name, error)
+        raise AdapterNotFound(name)
+
+    def entries(self) -> list[AdapterEntry]:
+        with self._lock:
+            return sorted(self._current.values(), key=lambda e: e.name)
+
+    def errors(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._errors)
+
+    def load(self, entry: AdapterEntry) -> Adapter:
+        """Read ``entry``'s weights again (a host-cache miss). If the file changed since it was
+        registered, refresh and return the adapter now current, or raise if there is none."""
+        adapter = self.load_path(entry.path, entry.name)
+        if adapter.version != entry.version:
+            self._publish(entry.name, entry.path, adapter)
+        return adapter
