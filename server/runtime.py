@@ -1,0 +1,161 @@
+"""Assemble a serving stack from a ``ServerConfig``: everything but the network.
+
+    base model (frozen) ──► batched LoRA slot tables on every adapted linear
+                         ──► static KV cache
+    adapters folder ──► registry ──► host cache ──► device slots ──► engine thread
+                         ▲
+                  folder watcher
+
+``Runtime`` owns the parts and their order of start and stop. The gRPC layer (``server.app``)
+and tests use it the same way: ``Runtime(config).start()`` ... ``stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.demo_paths import demo_adapters_dir, demo_base_dir
+from adapters.format import Adapter, validate_adapter
+from adapters.lora import linear_shapes, replace_linear_with_batched_lora
+from adapters.models import KVCache, load_model
+from server.adapter_cache import AdapterCache, HostCache
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.registry import AdapterRegistry
+from server.watcher import AdapterWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = "demo"  # "demo" or a Hugging Face folder
+    adapters_dir: Path | None = None  # None: the demo adapters, read-only, when model == demo
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9400  # None: no metrics endpoint; 0: any free port
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    max_active_adapters: int = 16  # device slots
+    max_cached_adapters: int = 64  # host-memory LRU, count bound
+    max_cached_bytes: int = 4 << 30  # host-memory LRU, byte bound
+    max_lora_rank: int = 64
+    lora_targets: str = "all-linear"  # which base layers get slot tables
+    lora_backend: str = "segment"
+    max_batch_size: int = 32
+    max_seq_len: int = 1024
+    max_queue: int = 256
+    prefill_token_budget: int = 2048
+    max_adapter_labels: int = 100
+    watch_poll_interval: float = 5.0
+    watch_debounce: float = 0.25
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    drain_grace: float = 30.0
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len,
+            max_queue=self.max_queue,
+            prefill_token_budget=self.prefill_token_budget,
+        )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def model_path(model: str) -> Path:
+    return demo_base_dir() if model == "demo" else Path(model)
+
+
+class Runtime:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.loaded = load_model(model_path(config.model), self.device, self.dtype)
+        if self.loaded.tokenizer is None:
+            raise ValueError(f"{self.loaded.path} has no tokenizer.json; the server needs one")
+        self.tokenizer = self.loaded.tokenizer
+        model = self.loaded.model
+        self.base_shapes = linear_shapes(model)
+        self.table = replace_linear_with_batched_lora(
+            model,
+            config.lora_targets,
+            config.max_active_adapters,
+            config.max_lora_rank,
+            backend=config.lora_backend,
+        )
+        self.lora_shapes = {n: self.base_shapes[n] for n in self.table.layers}
+        self.kv_cache = KVCache(
+            self.loaded.config, config.max_batch_size, config.max_seq_len, self.device, self.dtype
+        )
+        self.metrics = Metrics(config.max_adapter_labels)
+        self.adapters_dir = Path(config.adapters_dir or demo_adapters_dir())
+        self.host = HostCache(config.max_cached_adapters, config.max_cached_bytes, self.metrics)
+        self.registry = AdapterRegistry(
+            self.adapters_dir, self.check_adapter, self.host.put, self.metrics
+        )
+        self.cache = AdapterCache(self.registry, self.table, self.host, self.device, self.metrics)
+        self.engine = Engine(
+            model,
+            self.kv_cache,
+            self.tokenizer,
+            config.engine_config(),
+            self.cache,
+            self.metrics,
+            self.device,
+        )
+        self.cache.wake = self.engine.wake
+        self.metrics.bind_state(self.engine.stats, self.residency)
+        self.watcher = AdapterWatcher(
+            self.registry, config.watch_debounce, config.watch_poll_interval
+        )
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers."""
+        validate_adapter(
+            adapter, self.lora_shapes, self.loaded.fingerprint, self.config.max_lora_rank
+        )
+
+    def residency(self) -> dict[str, int]:
+        return {"disk": len(self.registry.entries()), **self.cache.resident()}
+
+    def start(self) -> Runtime:
+        if not self.adapters_dir.is_dir():
+            raise ValueError(f"adapters directory {self.adapters_dir} does not exist")
+        self.registry.scan()
+        self.watcher.start()
+        self.engine.start()
+        log.info(
+            "model %s on %s (%s), %d adapters in %s",
+            self.loaded.path,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            len(self.registry.entries()),
+            self.adapters_dir,
+        )
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        self.engine.shutdown(self.config.drain_grace if grace is None else grace)
+        self.watcher.stop()
+        self.cache.close()
