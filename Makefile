@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Regenerate the committed gRPC stubs (a test fails when they are stale).
+proto: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/loraserve/v1/inference.proto
+
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q

@@ -112,6 +112,7 @@ class AdapterCache:
         self._version_in: dict[int, str] = {}  # slot -> version
         self._refs: dict[int, int] = {}  # slot -> running sequences using it
         self._idle: OrderedDict[int, None] = OrderedDict()  # unpinned filled slots, LRU first
+        self._on_device: frozenset[str] = frozenset()  # snapshot other threads may read
 
     # ------------------------------------------------------------ engine thread
 
@@ -149,11 +150,12 @@ class AdapterCache:
         self.table.set_token_slots(slots)
 
     def resident(self) -> dict[str, int]:
-        """Adapters per tier, for metrics and ``ListAdapters``."""
-        return {"device": len(self._slot_of), "host": len(self.host)}
+        """Adapters per tier, for metrics and ``ListAdapters`` (any thread)."""
+        return {"device": len(self._on_device), "host": len(self.host)}
 
-    def device_versions(self) -> set[str]:
-        return set(self._slot_of)
+    def device_versions(self) -> frozenset[str]:
+        """Versions in device slots (any thread)."""
+        return self._on_device
 
     def pinned_slots(self) -> dict[int, int]:
         return {s: n for s, n in self._refs.items() if n}
@@ -170,6 +172,7 @@ class AdapterCache:
         slot, _ = self._idle.popitem(last=False)
         old = self._version_in.pop(slot)
         del self._slot_of[old]
+        self._on_device = frozenset(self._slot_of)
         if self.metrics is not None:
             self.metrics.observe_eviction("device")
         return slot
@@ -182,6 +185,7 @@ class AdapterCache:
         )
         self._slot_of[adapter.version] = slot
         self._version_in[slot] = adapter.version
+        self._on_device = frozenset(self._slot_of)
 
     # ------------------------------------------------------------ host tier, loader thread
 

@@ -1,0 +1,125 @@
+"""The server process: gRPC (inference, health, reflection) + the metrics endpoint.
+
+Life cycle, as a load balancer sees it through ``grpc.health.v1.Health``:
+
+    start ──► NOT_SERVING (port open, model loading; calls get UNAVAILABLE)
+          ──► SERVING (model and adapters loaded)
+    drain ──► NOT_SERVING (new calls get UNAVAILABLE; running ones finish within the grace
+              period, then whatever is left is cancelled) ──► stopped
+
+``LoraServer`` is what ``main`` and the tests use; binding port 0 picks a free port, and
+``start()`` returns the port actually bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.loraserve.v1 import inference_pb2, inference_pb2_grpc
+from server.runtime import Runtime, ServerConfig
+from server.servicer import LoraInferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["LoraInference"].full_name
+MAX_MESSAGE_BYTES = 4 << 20  # caps a request (a prompt) at 4 MiB
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,  # mTLS when a client CA is given
+    )
+
+
+class LoraServer:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.runtime: Runtime | None = None
+        self.servicer = LoraInferenceServicer(model_name=config.model)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_server = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self, load: bool = True) -> int:
+        """Bind and start answering (NOT_SERVING), then load the model (SERVING)."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        inference_pb2_grpc.add_LoraInferenceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        creds = server_credentials(self.config)
+        self.port = (
+            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        )
+        if not self.port:
+            raise OSError(f"could not bind {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info(
+            "loraserve listening on %s:%d (%s)",
+            self.config.host,
+            self.port,
+            "TLS" if creds else "plaintext",
+        )
+        if load:
+            await self.load()
+        return self.port
+
+    async def load(self) -> None:
+        runtime = await asyncio.to_thread(lambda: Runtime(self.config).start())
+        self.runtime = runtime
+        self.servicer.runtime = runtime
+        if self.config.metrics_port is not None:
+            self._metrics_server, self.metrics_port = runtime.metrics.serve(
+                self.config.metrics_port, self.config.host
+            )
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        log.info(
+            "adapters folder: %s (drop NAME.safetensors or a PEFT folder here)",
+            runtime.adapters_dir,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, finish running ones within ``grace``."""
+        grace = self.config.drain_grace if grace is None else grace
+        log.info("draining (grace %.0fs)", grace)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.stop, grace)
+        if self._server is not None:
+            await self._server.stop(1.0)  # responses already finished; let them flush
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
