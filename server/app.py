@@ -61,6 +61,8 @@ class LoraServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # a second server on a taken port must fail, not silently share it
+                ("grpc.so_reuseport", 0),
             ]
         )
         inference_pb2_grpc.add_LoraInferenceServicer_to_server(self.servicer, server)

@@ -63,6 +63,7 @@ def serving_config(model: Path, adapters: Path, **overrides) -> ServerConfig:
     defaults = dict(
         model=str(model),
         adapters_dir=adapters,
+        port=0,
         device="cpu",
         dtype="float32",
         max_active_adapters=16,
