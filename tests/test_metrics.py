@@ -1,0 +1,138 @@
+"""The /metrics endpoint: families and label cap, and a real Prometheus server scraping it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from adapters.format import write_adapter
+from protos.loraserve.v1 import inference_pb2 as pb
+from server.metrics import OTHER_LABEL, AdapterLabels
+from tests.checkpoints import make_llama
+from tests.grpc_server import ServerThread
+from tests.serving import random_adapter, serving_config, wait_for
+
+FAMILIES = [
+    "loraserve_requests_total",
+    "loraserve_request_duration_seconds",
+    "loraserve_time_to_first_token_seconds",
+    "loraserve_inter_token_latency_seconds",
+    "loraserve_prompt_tokens_total",
+    "loraserve_generated_tokens_total",
+    "loraserve_running_requests",
+    "loraserve_waiting_requests",
+    "loraserve_batch_size",
+    "loraserve_adapters_resident",
+    "loraserve_adapter_loads_total",
+    "loraserve_adapter_load_duration_seconds",
+    "loraserve_adapter_cache_hits_total",
+    "loraserve_adapter_cache_misses_total",
+    "loraserve_adapter_cache_evictions_total",
+    "loraserve_kv_cache_usage_ratio",
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = make_llama(tmp_path_factory.mktemp("model"))
+    d = tmp_path_factory.mktemp("adapters")
+    for i in range(3):
+        write_adapter(d / f"m{i}.safetensors", random_adapter(model, f"m{i}", seed=i))
+    server = ServerThread(
+        serving_config(model, d, metrics_port=0, max_adapter_labels=2, max_active_adapters=2)
+    )
+    yield server
+    server.stop()
+
+
+def scrape(server) -> str:
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def test_families_are_exported_and_adapter_labels_are_capped(served):
+    stub = served.stub()
+    for name in ["m0", "m1", "m2", ""]:
+        stub.Generate(
+            pb.GenerateRequest(
+                adapter=name, prompt="hi", params=pb.SamplingParams(max_new_tokens=3)
+            )
+        )
+    text = scrape(served)
+    for family in FAMILIES:
+        assert f"\n{family}" in text, family
+    assert 'loraserve_requests_total{adapter="m0",code="OK"} 1.0' in text
+    assert 'loraserve_requests_total{adapter="m1",code="OK"} 1.0' in text
+    assert f'loraserve_requests_total{{adapter="{OTHER_LABEL}",code="OK"}} 1.0' in text
+    assert 'loraserve_requests_total{adapter="__base__",code="OK"} 1.0' in text
+    assert 'adapter="m2"' not in text  # past the cap of two names
+    assert 'loraserve_adapters_resident{tier="disk"} 3.0' in text
+    assert 'loraserve_adapters_resident{tier="device"} 2.0' in text  # 3 adapters, 2 slots
+    assert 'loraserve_generated_tokens_total{adapter="m0"} 3.0' in text
+
+
+def test_label_cap_is_first_come_first_served():
+    labels = AdapterLabels(cap=2)
+    assert [labels(n) for n in ["a", "b", "c", "a", ""]] == ["a", "b", OTHER_LABEL, "a", "__base__"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_prometheus_scrapes_the_request_count(served, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus is not installed; .ci/run installs Debian's prometheus")
+        pytest.skip("prometheus not installed (apt-get install prometheus); CI runs this test")
+    stub = served.stub()
+    before = served.runtime.metrics.requests.labels("m0", "OK")._value.get()
+    sent = 5
+    for _ in range(sent):
+        stub.Generate(
+            pb.GenerateRequest(adapter="m0", prompt="x", params=pb.SamplingParams(max_new_tokens=2))
+        )
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: loraserve\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{served.server.metrics_port}']\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = 'sum(loraserve_requests_total{adapter="m0",code="OK"})'
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+
+        def value():
+            try:
+                body = json.load(urllib.request.urlopen(url, timeout=2))
+            except OSError:
+                return None
+            result = body["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        got = wait_for(value, timeout=30, interval=0.5)
+        assert got == before + sent
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
