@@ -1,1 +1,51 @@
-"""loraserve client."""
+"""loraserve client: typed sync and async gRPC clients and the ``loraserve`` CLI.
+
+    from client import LoraClient
+
+    with LoraClient("localhost:50051") as c:
+        print(c.generate("Hello", adapter="sql", max_new_tokens=32).text)
+
+``adapter=""`` is the base model alone. Errors are raised as ``LoraServeError`` subclasses.
+"""
+
+from client.client import ADAPTER_METADATA_KEY, AsyncLoraClient, LoraClient
+from client.errors import (
+    AdapterInvalidError,
+    AdapterNotFoundError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    LoraServeError,
+    OverloadedError,
+    UnavailableError,
+    error_from_rpc,
+)
+from client.types import (
+    AdapterInfo,
+    AdapterState,
+    Completion,
+    FinishReason,
+    SamplingParams,
+    ServerInfo,
+    StreamChunk,
+)
+
+__all__ = [
+    "ADAPTER_METADATA_KEY",
+    "AdapterInfo",
+    "AdapterInvalidError",
+    "AdapterNotFoundError",
+    "AdapterState",
+    "AsyncLoraClient",
+    "Completion",
+    "DeadlineExceededError",
+    "FinishReason",
+    "InvalidArgumentError",
+    "LoraClient",
+    "LoraServeError",
+    "OverloadedError",
+    "SamplingParams",
+    "ServerInfo",
+    "StreamChunk",
+    "UnavailableError",
+    "error_from_rpc",
+]

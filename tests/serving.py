@@ -3,6 +3,7 @@ trainer-side reference decode that the server's batched path must reproduce."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -59,12 +60,18 @@ def reference_greedy(
     return out
 
 
+def serving_device() -> str:
+    """Where serving tests run: cpu, or what LORASERVE_TEST_DEVICE names (e.g. cuda on a GPU box).
+    fp32 on every device, so greedy outputs are comparable to the CPU reference."""
+    return os.environ.get("LORASERVE_TEST_DEVICE", "cpu")
+
+
 def serving_config(model: Path, adapters: Path, **overrides) -> ServerConfig:
     defaults = dict(
         model=str(model),
         adapters_dir=adapters,
         port=0,
-        device="cpu",
+        device=serving_device(),
         dtype="float32",
         max_active_adapters=16,
         max_lora_rank=8,

@@ -25,7 +25,7 @@ from protos.loraserve.v1 import inference_pb2 as pb
 from protos.loraserve.v1 import inference_pb2_grpc
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
-from tests.serving import random_adapter, serving_config, wait_for
+from tests.serving import random_adapter, serving_config, serving_device, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "loraserve.v1.LoraInference"
@@ -95,7 +95,8 @@ def test_generate_stream_list_and_info(served):
     assert listed["a0"].state in (pb.HOST, pb.DEVICE) and listed["a0"].size_bytes > 0
     assert listed["broken"].state == pb.INVALID and "broken" in listed["broken"].error
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
-    assert info.architecture == "llama" and info.device == "cpu" and info.dtype == "float32"
+    assert info.architecture == "llama" and info.dtype == "float32"
+    assert info.device.startswith(serving_device())
     assert info.max_seq_len == 64 and info.max_batch_size == 4 and len(info.base_fingerprint) == 16
 
 

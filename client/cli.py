@@ -1,0 +1,211 @@
+"""``loraserve``: the command-line client.
+
+    loraserve [--target HOST:PORT] [--tls --ca FILE --cert FILE --key FILE] [--json]
+              [--timeout S] [--retries N] COMMAND ...
+
+    loraserve generate ADAPTER PROMPT [--max-new-tokens N] [--temperature T] [--top-p P]
+                                      [--top-k K] [--seed S] [--stop STR ...] [--request-id ID]
+    loraserve stream   ADAPTER PROMPT [same options]     print text as it arrives
+    loraserve adapters                                    table of deployed adapters
+    loraserve info                                        the server's model, device, limits
+
+ADAPTER ``base`` or ``-`` means the base model alone (no adapter); PROMPT ``-`` reads the
+prompt from stdin. The target defaults to $LORASERVE_TARGET, else localhost:50051. ``--ca``,
+``--cert`` and ``--key`` imply ``--tls``. With ``--json`` every command prints one JSON object
+(``stream`` prints one per chunk, JSON lines).
+
+Exit status: 0 on success, 1 when the server reports an error (printed as
+``error: CODE: details``), 2 for usage errors; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from client.client import LoraClient
+from client.errors import LoraServeError
+from client.types import AdapterInfo
+
+DEFAULT_TARGET = "localhost:50051"
+BASE_MODEL_NAMES = ("base", "-")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = connect(args)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))  # exits 2
+    try:
+        with client:
+            args.run(client, args)
+    except LoraServeError as exc:
+        print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`loraserve stream ... | head`): stop quietly, and point stdout
+        # at /dev/null so the flush at interpreter exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Call a loraserve server: generate text with a LoRA adapter."
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("LORASERVE_TARGET", DEFAULT_TARGET),
+        help=f"server address HOST:PORT (default: $LORASERVE_TARGET, else {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca", metavar="FILE", help="root certificates (PEM); implies --tls")
+    parser.add_argument("--cert", metavar="FILE", help="client certificate for mutual TLS (PEM)")
+    parser.add_argument("--key", metavar="FILE", help="client private key for mutual TLS (PEM)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--timeout", type=float, metavar="S", help="deadline per call, seconds")
+    parser.add_argument(
+        "--retries", type=int, default=1, metavar="N", help="retries on UNAVAILABLE (default 1)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument(
+        "adapter", metavar="ADAPTER", help='adapter name; "base" or "-" = the base model'
+    )
+    sampling.add_argument("prompt", metavar="PROMPT", help='prompt text; "-" reads stdin')
+    sampling.add_argument("--max-new-tokens", type=int, metavar="N")
+    sampling.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
+    sampling.add_argument("--top-p", type=float, metavar="P")
+    sampling.add_argument("--top-k", type=int, metavar="K")
+    sampling.add_argument("--seed", type=int, metavar="S")
+    sampling.add_argument(
+        "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)"
+    )
+    sampling.add_argument("--request-id", default="", metavar="ID")
+
+    generate = commands.add_parser("generate", parents=[sampling], help="print a completion")
+    generate.set_defaults(run=run_generate)
+    stream = commands.add_parser("stream", parents=[sampling], help="stream a completion")
+    stream.set_defaults(run=run_stream)
+    adapters = commands.add_parser("adapters", help="list deployed adapters")
+    adapters.set_defaults(run=run_adapters)
+    info = commands.add_parser("info", help="show the server's model, device and limits")
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def connect(args: argparse.Namespace) -> LoraClient:
+    """A client for the parsed options; raises OSError for an unreadable certificate file and
+    ValueError for an inconsistent set of TLS options."""
+    if bool(args.cert) != bool(args.key):
+        raise ValueError("--cert and --key go together (mutual TLS)")
+    return LoraClient(
+        args.target,
+        tls=bool(args.tls or args.ca or args.cert),
+        root_certificates=read_file(args.ca),
+        private_key=read_file(args.key),
+        certificate_chain=read_file(args.cert),
+        timeout=args.timeout,
+        retries=args.retries,
+    )
+
+
+def read_file(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def generate_kwargs(args: argparse.Namespace) -> dict:
+    """The arguments shared by ``generate`` and ``stream``."""
+    return {
+        "prompt": sys.stdin.read() if args.prompt == "-" else args.prompt,
+        "adapter": "" if args.adapter in BASE_MODEL_NAMES else args.adapter,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+        "request_id": args.request_id,
+    }
+
+
+def run_generate(client: LoraClient, args: argparse.Namespace) -> None:
+    completion = client.generate(**generate_kwargs(args))
+    if args.json:
+        print_json(dataclasses.asdict(completion))
+    else:
+        print(completion.text)
+
+
+def run_stream(client: LoraClient, args: argparse.Namespace) -> None:
+    chunks = client.stream(**generate_kwargs(args))
+    try:
+        for chunk in chunks:
+            if args.json:
+                print_json(dataclasses.asdict(chunk))
+            else:
+                print(chunk.text, end="", flush=True)
+    finally:
+        chunks.close()  # Ctrl-C or a closed pipe mid-stream: cancel the RPC
+    if not args.json:
+        print()
+
+
+def run_adapters(client: LoraClient, args: argparse.Namespace) -> None:
+    adapters = client.list_adapters()
+    if args.json:
+        print_json({"adapters": [dataclasses.asdict(a) for a in adapters]})
+    else:
+        print(adapter_table(adapters))
+
+
+def run_info(client: LoraClient, args: argparse.Namespace) -> None:
+    info = dataclasses.asdict(client.server_info())
+    if args.json:
+        print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key}: {value}")  # unpadded, so `grep '^device: '` works
+
+
+def adapter_table(adapters: list[AdapterInfo]) -> str:
+    """Aligned columns; the version (a content hash) is shortened to 12 characters."""
+    header = ("NAME", "VERSION", "RANK", "STATE", "SIZE", "ERROR")
+    rows = [
+        (a.name, a.version[:12], str(a.rank), a.state.value, human_size(a.size_bytes), a.error)
+        for a in sorted(adapters, key=lambda a: a.name)
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    title = "  ".join(cell.ljust(w) for cell, w in zip(header, widths)).rstrip()
+    return "\n".join([title, *lines] if rows else [title, "(no adapters)"])
+
+
+def human_size(n: int) -> str:
+    size, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def print_json(obj: dict) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Typed clients for the loraserve gRPC API: ``LoraClient`` (blocking) and ``AsyncLoraClient``
+(``grpc.aio``). Both take and return the dataclasses of ``client.types`` and raise the
+exceptions of ``client.errors``; protobuf and ``grpc.RpcError`` never reach the caller.
+
+Contract shared by both:
+
+- Adapter routing. Each generate call sends gRPC metadata ``x-lora-adapter: NAME`` so an L7
+  balancer that hashes the header sends each adapter to the replicas whose caches hold it. For
+  the base model (``adapter=""``) the header is *omitted*, not sent empty: the base model has
+  no cache to keep warm, and an absent header lets Envoy / HAProxy spread those calls over all
+  replicas instead of hashing every one of them to the replica that owns "".
+- Prompts. A ``str`` goes in ``prompt`` (the server tokenizes); a sequence of ints goes in
+  ``prompt_token_ids``.
+- Sampling. Arguments left ``None`` stay unset in the request and the server applies its
+  defaults.
+- Timeouts. ``timeout`` (per call, else the client's) bounds the whole call, retries
+  included; ``None`` means no deadline.
+- Retries. A call that fails with UNAVAILABLE (a replica draining or gone) is retried up to
+  ``retries`` times after a short jittered backoff (50 ms, 100 ms, ... at most 1 s), so a
+  client behind a balancer sees no error when one replica leaves. A stream is retried only if
+  it failed before its first chunk: after that, text has been handed out and a retry would
+  repeat it. No other code is retried; RESOURCE_EXHAUSTED is left to the caller.
+- Streams. Closing the iterator early (``break`` out of the loop, ``close()`` / ``aclose()``,
+  or dropping it) cancels the RPC, and the server frees the sequence at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from client.errors import error_from_rpc, status_code_of
+from client.types import AdapterInfo, Completion, SamplingParams, ServerInfo, StreamChunk
+from protos.loraserve.v1 import inference_pb2 as pb
+from protos.loraserve.v1 import inference_pb2_grpc
+
+ADAPTER_METADATA_KEY = "x-lora-adapter"
+
+Prompt = str | Sequence[int]
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def adapter_metadata(adapter: str) -> tuple[tuple[str, str], ...]:
+    """The routing metadata for a call to ``adapter`` (none for the base model, see above)."""
+    return ((ADAPTER_METADATA_KEY, adapter),) if adapter else ()
+
+
+def generate_request(
+    prompt: Prompt, adapter: str, params: SamplingParams, request_id: str
+) -> pb.GenerateRequest:
+    """The GenerateRequest for a text prompt or a prompt of token ids."""
+    if isinstance(prompt, str):
+        text, token_ids = prompt, []
+    elif isinstance(prompt, (bytes, bytearray)):
+        raise TypeError("prompt must be str or a sequence of token ids, not bytes")
+    else:
+        text, token_ids = "", list(prompt)
+    return pb.GenerateRequest(
+        adapter=adapter,
+        prompt=text,
+        prompt_token_ids=token_ids,
+        params=params.to_pb(),
+        request_id=request_id,
+    )
+
+
+def channel_credentials(
+    tls: bool,
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for a plaintext channel. Certificates without ``tls`` are an
+    error rather than a silent plaintext connection."""
+    if not tls:
+        if root_certificates or private_key or certificate_chain:
+            raise ValueError("certificates given but tls=False; pass tls=True")
+        return None
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("mutual TLS needs both private_key and certificate_chain")
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE up to ``retries`` times with jittered exponential backoff."""
+
+    retries: int = 1
+    backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+
+    def __post_init__(self):
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+
+    def delay(self, exc: grpc.RpcError, attempt: int, remaining: float | None) -> float | None:
+        """Seconds to wait before retry number ``attempt + 1``, or None to give up."""
+        if status_code_of(exc) != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            return None
+        # Jitter so that the clients of a replica that went away do not return in lockstep.
+        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+        if remaining is not None and delay >= remaining:
+            return None
+        return delay
+
+
+class Deadline:
+    """One call's time budget, shared by its attempts."""
+
+    def __init__(self, timeout: float | None):
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+
+class LoraClient:
+    """Blocking client. Use as a context manager, or call ``close()``.
+
+    >>> with LoraClient("localhost:50051") as client:
+    ...     print(client.generate("Translate to SQL: all users", adapter="sql").text)
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        timeout: float | None = None,
+        retries: int = 1,
+        options: ChannelOptions = (),
+    ):
+        credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._stub = inference_pb2_grpc.LoraInferenceStub(self._channel)
+        self._timeout = timeout
+        self._retry = RetryPolicy(retries=retries)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        adapter: str = "",
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generate a whole completion with ``adapter`` ("" = the base model)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        request = generate_request(prompt, adapter, params, request_id)
+        response = self._unary(self._stub.Generate, request, adapter_metadata(adapter), timeout)
+        return Completion.from_pb(response)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        adapter: str = "",
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Generator[StreamChunk, None, None]:
+        """Generate a completion chunk by chunk; the RPC starts on the first ``next()``.
+
+        Closing the iterator before the last chunk cancels the RPC.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        request = generate_request(prompt, adapter, params, request_id)
+        return self._stream(request, adapter_metadata(adapter), self._deadline(timeout))
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        """The adapters the server can serve, with their cache state."""
+        response = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), (), timeout)
+        return [AdapterInfo.from_pb(info) for info in response.adapters]
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's base model, device, limits and current load."""
+        response = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), (), timeout)
+        return ServerInfo.from_pb(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LoraClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self._timeout if timeout is None else timeout)
+
+    def _unary(self, method, request, metadata, timeout: float | None):
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=metadata)
+            except grpc.RpcError as exc:
+                delay = self._retry.delay(exc, attempt, deadline.remaining())
+                if delay is None:
+                    raise error_from_rpc(exc) from exc
+            time.sleep(delay)
+            attempt += 1
+
+    def _stream(self, request, metadata, deadline: Deadline) -> Generator[StreamChunk, None, None]:
+        attempt = 0
+        while True:
+            call = self._stub.GenerateStream(
+                request, timeout=deadline.remaining(), metadata=metadata
+            )
+            received = False
+            try:
+                for response in call:
+                    received = True
+                    yield StreamChunk.from_pb(response)
+                return
+            except grpc.RpcError as exc:
+                delay = None if received else self._retry.delay(exc, attempt, deadline.remaining())
+                if delay is None:
+                    raise error_from_rpc(exc) from exc
+            finally:
+                # A no-op once the call has ended; otherwise the caller closed us early
+                # (GeneratorExit at the yield) and the server must stop generating.
+                call.cancel()
+            time.sleep(delay)
+            attempt += 1
+
+
+class AsyncLoraClient:
+    """``grpc.aio`` client with the methods of ``LoraClient`` as coroutines; ``stream`` returns
+    an async iterator. Create it inside the running event loop; ``async with`` or
+    ``await close()``.
+
+    >>> async with AsyncLoraClient("localhost:50051") as client:
+    ...     async for chunk in client.stream("Once upon a time", adapter="story"):
+    ...         print(chunk.text, end="", flush=True)
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        timeout: float | None = None,
+        retries: int = 1,
+        options: ChannelOptions = (),
+    ):
+        credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        self._stub = inference_pb2_grpc.LoraInferenceStub(self._channel)
+        self._timeout = timeout
+        self._retry = RetryPolicy(retries=retries)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        adapter: str = "",
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generate a whole completion with ``adapter`` ("" = the base model)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        request = generate_request(prompt, adapter, params, request_id)
+        metadata = adapter_metadata(adapter)
+        response = await self._unary(self._stub.Generate, request, metadata, timeout)
+        return Completion.from_pb(response)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        adapter: str = "",
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """Generate a completion chunk by chunk (``async for``); the RPC starts on the first
+        ``__anext__``. Leaving the loop early (or ``aclose()``) cancels the RPC."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        request = generate_request(prompt, adapter, params, request_id)
+        return self._stream(request, adapter_metadata(adapter), self._deadline(timeout))
+
+    async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        """The adapters the server can serve, with their cache state."""
+        request = pb.ListAdaptersRequest()
+        response = await self._unary(self._stub.ListAdapters, request, (), timeout)
+        return [AdapterInfo.from_pb(info) for info in response.adapters]
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's base model, device, limits and current load."""
+        request = pb.GetServerInfoRequest()
+        response = await self._unary(self._stub.GetServerInfo, request, (), timeout)
+        return ServerInfo.from_pb(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncLoraClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self._timeout if timeout is None else timeout)
+
+    async def _unary(self, method, request, metadata, timeout: float | None):
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=deadline.remaining(), metadata=metadata)
+            except grpc.RpcError as exc:
+                delay = self._retry.delay(exc, attempt, deadline.remaining())
+                if delay is None:
+                    raise error_from_rpc(exc) from exc
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _stream(
+        self, request, metadata, deadline: Deadline
+    ) -> AsyncGenerator[StreamChunk, None]:
+        attempt = 0
+        while True:
+            call = self._stub.GenerateStream(
+                request, timeout=deadline.remaining(), metadata=metadata
+            )
+            received = False
+            try:
+                async for response in call:
+                    received = True
+                    yield StreamChunk.from_pb(response)
+                return
+            except grpc.RpcError as exc:
+                delay = None if received else self._retry.delay(exc, attempt, deadline.remaining())
+                if delay is None:
+                    raise error_from_rpc(exc) from exc
+            finally:
+                call.cancel()  # see LoraClient._stream
+            await asyncio.sleep(delay)
+            attempt += 1

@@ -1,0 +1,192 @@
+"""The client's typed values. Protobuf stops here: each result is a frozen dataclass built by
+``from_pb`` at the edge, and ``SamplingParams.to_pb`` is the only way parameters go out.
+
+Enums are ``str`` enums ("stop", "on_disk", ...) so results print and serialise to JSON as
+plain strings.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+from protos.loraserve.v1 import inference_pb2 as pb
+
+
+class FinishReason(str, enum.Enum):
+    """Why generation ended."""
+
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens reached, or the sequence filled max_seq_len
+    CANCELLED = "cancelled"  # client cancel, deadline, or server shutdown
+
+
+class AdapterState(str, enum.Enum):
+    """Where an adapter's weights are on the server (the cache tier), or that it is broken."""
+
+    ON_DISK = "on_disk"
+    HOST = "host"
+    DEVICE = "device"
+    INVALID = "invalid"
+    UNKNOWN = "unknown"  # the server sent none, or a state newer than this client
+
+
+_FINISH_REASONS = {
+    pb.STOP: FinishReason.STOP,
+    pb.LENGTH: FinishReason.LENGTH,
+    pb.CANCELLED: FinishReason.CANCELLED,
+}
+_ADAPTER_STATES = {
+    pb.ON_DISK: AdapterState.ON_DISK,
+    pb.HOST: AdapterState.HOST,
+    pb.DEVICE: AdapterState.DEVICE,
+    pb.INVALID: AdapterState.INVALID,
+}
+
+
+def _finish_reason(value: int) -> FinishReason | None:
+    # FINISH_REASON_UNSPECIFIED (and any value newer than this client) -> None.
+    return _FINISH_REASONS.get(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``None`` leaves a field unset so the server applies its default
+    (64 new tokens, greedy, top_p 1, top_k off, unseeded)."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # A lone string is one stop string, not a sequence of one-character ones.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+
+    def to_pb(self) -> pb.SamplingParams:
+        # The proto3 fields are `optional`: only what was given gets set (HasField is true).
+        fields = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
+        given = {name: value for name, value in fields.items() if value is not None}
+        return pb.SamplingParams(stop=list(self.stop), **given)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion (``LoraClient.generate``)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int  # end-of-sequence token included, so may be len(token_ids) + 1
+    adapter: str  # "" = the base model
+    adapter_version: str  # content hash of the adapter file that served it
+    request_id: str
+
+    @classmethod
+    def from_pb(cls, msg: pb.GenerateResponse) -> Completion:
+        return cls(
+            text=msg.text,
+            token_ids=tuple(msg.token_ids),
+            finish_reason=_finish_reason(msg.finish_reason),
+            prompt_tokens=msg.prompt_tokens,
+            completion_tokens=msg.completion_tokens,
+            adapter=msg.adapter,
+            adapter_version=msg.adapter_version,
+            request_id=msg.request_id,
+        )
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed piece: new text and token ids since the previous chunk.
+
+    Only the last chunk has ``finish_reason`` set; its usage fields (``prompt_tokens``,
+    ``completion_tokens``) are ``None`` on every other chunk.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    adapter: str = ""
+    adapter_version: str = ""
+    request_id: str = ""
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def from_pb(cls, msg: pb.GenerateStreamResponse) -> StreamChunk:
+        finish_reason = _finish_reason(msg.finish_reason)
+        last = finish_reason is not None
+        return cls(
+            text=msg.text,
+            token_ids=tuple(msg.token_ids),
+            finish_reason=finish_reason,
+            prompt_tokens=msg.prompt_tokens if last else None,
+            completion_tokens=msg.completion_tokens if last else None,
+            adapter=msg.adapter,
+            adapter_version=msg.adapter_version,
+            request_id=msg.request_id,
+        )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One deployed adapter and its cache state (``LoraClient.list_adapters``)."""
+
+    name: str
+    version: str
+    rank: int
+    state: AdapterState
+    size_bytes: int
+    error: str  # why the newest file was refused; "" if it was not
+
+    @classmethod
+    def from_pb(cls, msg: pb.AdapterInfo) -> AdapterInfo:
+        return cls(
+            name=msg.name,
+            version=msg.version,
+            rank=msg.rank,
+            state=_ADAPTER_STATES.get(msg.state, AdapterState.UNKNOWN),
+            size_bytes=msg.size_bytes,
+            error=msg.error,
+        )
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The server's base model, device, limits and current load (``LoraClient.server_info``)."""
+
+    base_model: str
+    architecture: str
+    base_fingerprint: str
+    dtype: str
+    device: str
+    vocab_size: int
+    max_seq_len: int
+    max_batch_size: int
+    max_queue: int
+    max_active_adapters: int
+    max_cached_adapters: int
+    max_lora_rank: int
+    running_requests: int
+    waiting_requests: int
+    server_version: str
+
+    @classmethod
+    def from_pb(cls, msg: pb.ServerInfo) -> ServerInfo:
+        # Every field is a scalar of the same name in the message.
+        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
