@@ -8,6 +8,11 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 
+# `make serve` serves the embedded demo from a writable copy of its adapters, so a freshly
+# trained adapter can be dropped next to them.
+ADAPTERS_DIR ?= run/adapters
+SERVE_ARGS ?=
+
 .PHONY: install test lint proto serve bench bench-quick demo-assets clean
 
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +32,12 @@ proto: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+serve: install
+	@mkdir -p $(ADAPTERS_DIR)
+	@for f in adapters/demo/adapters/*.safetensors; do \
+		[ -e "$(ADAPTERS_DIR)/$$(basename $$f)" ] || cp "$$f" "$(ADAPTERS_DIR)/"; done
+	$(VENV)/bin/loraserve-server --model demo --adapters $(ADAPTERS_DIR) $(SERVE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
