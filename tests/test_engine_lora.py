@@ -279,3 +279,30 @@ def test_temp_and_dot_files_are_ignored(live, adapters, tmp_path):
     assert runtime.registry.entries() == [] and runtime.registry.errors() == {}
     out = runtime.engine.generate(request("", 0))
     assert out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+
+
+def test_a_slow_adapter_load_does_not_stall_other_requests(tmp_path, model_dir, adapters):
+    d = adapter_dir(tmp_path, adapters, 2)
+    runtime = Runtime(serving_config(model_dir, d, max_cached_adapters=1))
+    real_load = runtime.registry.load
+    loading, loaded = threading.Event(), threading.Event()
+
+    def slow_load(entry):
+        loading.set()
+        time.sleep(3)
+        adapter = real_load(entry)
+        loaded.set()
+        return adapter
+
+    runtime.registry.load = slow_load
+    runtime.start()  # the host tier keeps only task-1: task-0 must come from disk
+    try:
+        waiting = runtime.engine.submit(request("task-0", 0))
+        assert loading.wait(timeout=5)
+        others = [runtime.engine.submit(request(a, 1)) for a in ("", "task-1", "")]
+        for h in others:
+            h.result()
+        assert not loaded.is_set()  # all three were served while task-0 was still loading
+        assert waiting.result().token_ids  # and task-0 is served once its load lands
+    finally:
+        runtime.stop()
