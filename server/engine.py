@@ -307,12 +307,16 @@ class Engine:
         self._thread.start()
         return self
 
-    def shutdown(self, grace: float = 10.0) -> None:
-        """Drain: refuse new requests, let running and queued ones finish for ``grace`` seconds,
-        cancel what is left, stop the thread."""
+    def stop_accepting(self) -> None:
+        """From now on ``submit`` raises ``ShuttingDown``; queued and running requests go on."""
         with self._lock:
             self._accepting = False
             self._lock.notify()
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Drain: refuse new requests, let running and queued ones finish for ``grace`` seconds,
+        cancel what is left, stop the thread."""
+        self.stop_accepting()
         end = time.monotonic() + grace
         while time.monotonic() < end and self.busy():
             time.sleep(0.01)
@@ -342,7 +346,11 @@ class Engine:
                     self._lock.wait()
                 if self._stop and not (self._waiting or self._running):
                     return
-            worked = self.step()
+            try:
+                worked = self.step()
+            except Exception:  # a bug must not kill the thread every request depends on
+                log.exception("engine step failed")
+                worked = False
             if not worked:
                 # only waiting requests whose adapters are loading: sleep until a load lands
                 with self._lock:
@@ -398,7 +406,10 @@ class Engine:
                 break  # keep arrival order: the next step starts with this one
             try:
                 placed = self._place(handle.request.adapter)
-            except ServingError as err:  # retired or broken while it waited
+            except Exception as err:  # retired or broken while it waited, or a slot fill failed
+                if not isinstance(err, ServingError):
+                    log.exception("placing adapter %r failed", handle.request.adapter)
+                    err = ServingError(f"internal error: {err}")
                 self._dequeue(handle)
                 handle.on_event(FinishEvent(FinishReason.ERROR, n, 0, error=err))
                 continue

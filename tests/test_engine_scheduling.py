@@ -235,3 +235,32 @@ def test_threaded_engine_serves_concurrent_callers_and_drains_on_shutdown():
     with pytest.raises(ShuttingDown):
         engine.submit(req([0]))
     assert EOS not in slow.result().token_ids
+
+
+def test_a_failure_while_placing_an_adapter_fails_that_request_only():
+    class BrokenAdapters:
+        def resolve(self, name):
+            return name
+
+        def acquire(self, name):
+            raise RuntimeError("slot fill exploded")
+
+        def release(self, slot):
+            pass
+
+        def set_token_slots(self, slots):
+            pass
+
+    engine = Engine(
+        MockModel(),
+        None,
+        MockTokenizer(),
+        EngineConfig(max_batch_size=2),
+        adapters=BrokenAdapters(),
+    )
+    bad = engine.submit(GenerationRequest((1,), SamplingParams(max_new_tokens=2), adapter="x"))
+    good = engine.submit(req([3], n=2))
+    drain(engine)
+    with pytest.raises(Exception, match="internal error: slot fill exploded"):
+        bad.result()
+    assert good.result().token_ids == [4, 5]

@@ -244,7 +244,7 @@ def test_health_is_not_serving_until_loaded_and_while_draining(model_dir, tmp_pa
     assert code_of(lambda: stub.Generate(gen()))[0] == grpc.StatusCode.UNAVAILABLE
     call(server.load())
     assert status() == health_pb2.HealthCheckResponse.SERVING
-    server.runtime.engine._accepting = False  # what stop() does first
+    server.runtime.engine.stop_accepting()  # what stop() does first
     assert code_of(lambda: stub.Generate(gen()))[0] == grpc.StatusCode.UNAVAILABLE
     call(server.stop(1))
     loop.call_soon_threadsafe(loop.stop)
