@@ -1,0 +1,582 @@
+"""deploy/: the shipped configs pass the real tools that read them, and the scale-out story works
+with real processes.
+
+- promtool checks prometheus.yml and alerts.yml and runs the alert unit tests; every Grafana
+  query is valid PromQL (promtool parses it) and names only series a real server exports.
+- haproxy -c accepts haproxy.cfg; its gRPC health check (raw HTTP/2 frames) tells SERVING from
+  NOT_SERVING on real gRPC health servers, and so does deploy/grpc_health_probe.py.
+- Kubernetes manifests, compose file, Dockerfiles and Envoy config are read as data: probes,
+  GPU, ports, selectors, volumes, and every server flag they pass parses with the real CLI.
+- Three ``python -m server`` replicas share one adapters folder behind an HAProxy started from
+  the shipped config (addresses rewritten for loopback): each adapter lands on exactly one
+  replica, a new file is served through the balancer, and a replica stopped with SIGTERM
+  hands its adapters to the others (and only its adapters) with no client error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from adapters.format import write_adapter
+from client import AdapterNotFoundError, LoraClient
+from server.__main__ import parse_args
+from server.app import SERVICE
+from tests.grpc_server import ServerThread
+from tests.replicas import HAPROXY_CFG, HAProxy, Replica, free_port
+from tests.serving import random_adapter, serving_config, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loraserve.json"
+PROBE = DEPLOY / "grpc_health_probe.py"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed; .ci/run installs it")
+        pytest.skip(f"{name} not installed (CI installs it)")
+    return path
+
+
+def run(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+# ------------------------------------------------------------------------------ Prometheus
+
+
+def test_prometheus_config_and_alert_rules_pass_promtool():
+    promtool = tool("promtool")
+    for args in (
+        ("check", "config", PROMETHEUS / "prometheus.yml"),  # also checks alerts.yml
+        ("check", "rules", PROMETHEUS / "alerts.yml"),
+        ("test", "rules", PROMETHEUS / "alerts.test.yml"),
+    ):
+        result = run(promtool, *map(str, args))
+        assert result.returncode == 0, result.stdout + result.stderr
+    alerts = {
+        r["alert"] for g in load_yaml(PROMETHEUS / "alerts.yml")["groups"] for r in g["rules"]
+    }
+    assert {
+        "LoraserveDown",
+        "LoraserveHighErrorRate",
+        "LoraserveQueueBacklog",
+        "LoraserveAdapterLoadFailures",
+        "LoraserveHighTimeToFirstToken",
+        "LoraserveHighRequestLatency",
+    } <= alerts
+    tested = {
+        case["alertname"]
+        for test in load_yaml(PROMETHEUS / "alerts.test.yml")["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert tested == alerts, f"alerts without a firing unit test: {alerts - tested}"
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables replaced by values Prometheus would see."""
+    for var, value in (("$__rate_interval", "1m"), ("$__range", "1h"), ("$instance", ".*")):
+        expr = expr.replace(var, value)
+    return expr
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    promtool = tool("promtool")
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(e)}
+        for i, e in enumerate(dashboard_queries())
+    ]
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_series(metrics_text: str) -> set[str]:
+    """Every series name a /metrics page can carry, from its ``# TYPE`` lines (present even for
+    labelled families that have no samples yet): counters as exposed (``..._total``, the page
+    names them so), histograms with ``_bucket``/``_sum``/``_count``, gauges as they are."""
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, re.M):
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        elif kind == "counter":
+            names |= {name, name if name.endswith("_total") else f"{name}_total"}
+        else:
+            names.add(name)
+    return names
+
+
+def referenced_series(exprs: list[str]) -> set[str]:
+    return {n for e in exprs for n in re.findall(r"\bloraserve_[a-z0-9_]+", e)}
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_server_exports(tiny_llama, tmp_path):
+    (tmp_path / "ads").mkdir()
+    server = ServerThread(serving_config(tiny_llama, tmp_path / "ads", metrics_port=0))
+    try:
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        exported = exported_series(urllib.request.urlopen(url, timeout=5).read().decode())
+    finally:
+        server.stop()
+    assert "loraserve_requests_total" in exported
+    assert "loraserve_time_to_first_token_seconds_bucket" in exported
+
+    dashboard = referenced_series(dashboard_queries())
+    assert dashboard - exported == set(), "dashboard names series the server does not export"
+    rules = load_yaml(PROMETHEUS / "alerts.yml")["groups"]
+    alerts = referenced_series([r["expr"] for g in rules for r in g["rules"]])
+    assert alerts - exported == set(), "alerts name series the server does not export"
+
+    # the dashboard shows what the issue asks for: throughput, latency percentiles, queue,
+    # batch size, adapter residency and hit rate, per-adapter traffic, load failures
+    assert {
+        "loraserve_requests_total",
+        "loraserve_generated_tokens_total",
+        "loraserve_time_to_first_token_seconds_bucket",
+        "loraserve_inter_token_latency_seconds_bucket",
+        "loraserve_request_duration_seconds_bucket",
+        "loraserve_waiting_requests",
+        "loraserve_queue_time_seconds_bucket",
+        "loraserve_batch_size_bucket",
+        "loraserve_adapters_resident",
+        "loraserve_adapter_cache_hits_total",
+        "loraserve_adapter_cache_misses_total",
+        "loraserve_adapter_loads_total",
+    } <= dashboard
+    assert any("by (adapter" in e for e in dashboard_queries())
+    assert any('result!="ok"' in e for e in dashboard_queries())
+    assert any("histogram_quantile(0.99" in e for e in dashboard_queries())
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
+    datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yaml")
+    (ds,) = datasource["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    dashboard = json.loads(DASHBOARD.read_text())
+    uids = {
+        t["datasource"]["uid"]
+        for p in dashboard["panels"]
+        if p["type"] != "row"
+        for t in [p, *p["targets"]]
+    }
+    assert uids == {ds["uid"]}
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+    provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/loraserve.yaml")
+    (prov,) = provider["providers"]
+    grafana = load_yaml(DEPLOY / "compose.yaml")["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
+    assert mounts["./grafana/dashboards"] == prov["options"]["path"]
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+
+
+# ------------------------------------------------------------------------------ HAProxy
+
+
+def test_haproxy_config_is_valid_and_hashes_the_adapter_header():
+    haproxy = tool("haproxy")
+    result = run(haproxy, "-c", "-f", str(HAPROXY_CFG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    cfg = HAPROXY_CFG.read_text()
+    backend = cfg.split("backend loraserve", 1)[1].split("\nfrontend", 1)[0]
+    assert "balance hdr(x-lora-adapter)" in backend
+    assert "hash-type consistent" in backend
+    assert re.search(r"bind :8080 proto h2\b", cfg)
+    assert re.search(r"default-server proto h2 check\b", backend)
+    assert re.search(r"^\s*retries [1-9]", cfg, re.M) and "option redispatch" in cfg
+
+
+@pytest.fixture
+def health_servers():
+    """Two gRPC health servers (SERVING, NOT_SERVING) and a port nobody listens on."""
+    started = []
+    for status in (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servicer.set(SERVICE, status)
+        started.append((server, servicer, port))
+    yield [(s, p) for _, s, p in started] + [(None, free_port())]
+    for server, _, _ in started:
+        server.stop(None)
+
+
+def probe(port: int) -> int:
+    args = [sys.executable, str(PROBE), "--addr", f"127.0.0.1:{port}", "--timeout", "2"]
+    return subprocess.run(args, capture_output=True, timeout=30).returncode
+
+
+def test_health_checks_speak_grpc_health(health_servers, tmp_path):
+    haproxy = tool("haproxy")
+    (serving, _), (not_serving, not_serving_port), (_, closed) = health_servers
+    ports = [port for _, port in health_servers]
+    assert [probe(p) for p in ports] == [0, 1, 1]
+
+    balancer = HAProxy.start(haproxy, ports, tmp_path)
+    try:
+        balancer.wait_states({"replica1": "UP", "replica2": "DOWN", "replica3": "DOWN"})
+        not_serving.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        balancer.wait_states({"replica1": "UP", "replica2": "UP", "replica3": "DOWN"})
+        serving.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)  # a replica draining
+        balancer.wait_states({"replica1": "DOWN", "replica2": "UP", "replica3": "DOWN"})
+    finally:
+        balancer.stop()
+    assert probe(not_serving_port) == 0
+
+
+# ------------------------------------------------------------------------------ Kubernetes
+
+
+def k8s_objects() -> dict[tuple[str, str], dict]:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk, "every manifest is in kustomization.yaml, and only those"
+    objects = {}
+    for resource in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / resource).read_text()):
+            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [
+        (m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
+    ]
+
+
+def entrypoint(path: Path) -> list[str]:
+    (args,) = [json.loads(a) for i, a in dockerfile_instructions(path) if i == "ENTRYPOINT"]
+    assert args[0] == "loraserve-server"
+    return args[1:]
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of ``--name`` in args given as ``--name=v`` or ``--name v``."""
+    for i, a in enumerate(args):
+        if a == name:
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+def test_kubernetes_manifests_carry_probes_gpu_and_matching_selectors():
+    objects = k8s_objects()
+    deployment = objects[("Deployment", "loraserve")]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    # the server's flags: the image's ENTRYPOINT, then the Deployment's args (all real flags)
+    args = entrypoint(DEPLOY / "Dockerfile") + container["args"]
+    config = parse_args(args)
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert config.device.startswith("cuda")
+
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] >= 1
+    readiness = container["readinessProbe"]["grpc"]
+    assert readiness == {"port": config.port, "service": SERVICE}
+    assert container["livenessProbe"]["grpc"]["port"] == config.port
+    assert container["startupProbe"]["grpc"]["port"] == config.port
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > config.drain_grace
+
+    # SIGTERM arrives after preStop; the drain must end before the kubelet's SIGKILL
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    pre_stop_s = float(pre_stop[1]) if pre_stop[0] == "sleep" else 0.0
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop_s + config.drain_grace
+
+    # adapters from a shared ReadWriteMany volume, mounted where --adapters points
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claim = volumes[mounts[str(config.adapters_dir)]]["persistentVolumeClaim"]["claimName"]
+    assert "ReadWriteMany" in objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"]
+    assert Path(config.model).parent.as_posix() in mounts  # --model=/models/base under /models
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    services = {name: o for (kind, name), o in objects.items() if kind == "Service"}
+    assert services["loraserve-headless"]["spec"]["clusterIP"] == "None"
+    assert services["loraserve"]["spec"].get("clusterIP") != "None"
+    for service in services.values():
+        assert selects(service["spec"]["selector"], labels)
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, port
+
+    monitor = objects[("ServiceMonitor", "loraserve")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    chosen = [
+        name
+        for name, s in services.items()
+        if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert chosen == ["loraserve"], "exactly one Service scraped: no duplicate series"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    service_ports = {p["name"]: p for p in services["loraserve"]["spec"]["ports"]}
+    assert service_ports[endpoint["port"]]["targetPort"] == "metrics"
+    assert endpoint["path"] == "/metrics"
+
+    pdb = objects[("PodDisruptionBudget", "loraserve")]
+    assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+
+
+def test_kustomize_renders_the_manifests():
+    kubectl = tool("kubectl")  # in this machine image; renders deploy/k8s offline
+    result = run(kubectl, "kustomize", str(K8S))
+    assert result.returncode == 0, result.stderr
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout)}
+    assert rendered == set(k8s_objects())
+
+
+# ------------------------------------------------------------------------------ images, compose
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfiles_run_non_root_with_a_grpc_healthcheck(name):
+    path = DEPLOY / name
+    steps = dockerfile_instructions(path)
+    ins = {}
+    for i, a in steps:
+        ins.setdefault(i, []).append(a)
+    base = ins["FROM"][-1]
+    base = dict(re.findall(r"ARG (\w+)=(\S+)", path.read_text())).get(base.strip("${}"), base)
+    if name == "Dockerfile":
+        assert base.startswith("nvidia/cuda:") and "-runtime-" in base
+        assert "/whl/cu" in path.read_text()
+    else:
+        assert base.startswith("python:") and "slim" in base
+        assert "/whl/cpu" in path.read_text()
+    assert ins["USER"][-1] not in ("root", "0")
+    assert json.loads(ins["VOLUME"][0]) == ["/adapters"]
+    assert set(ins["EXPOSE"][0].split()) == {"50051", "9400"}
+
+    # HEALTHCHECK runs the probe the image copies in, against the port the server binds
+    (check,) = ins["HEALTHCHECK"]
+    command = json.loads(check.split(" CMD ", 1)[1])
+    copies = dict(a.split()[-2:][::-1] for i, a in steps if i == "COPY")  # dest -> source
+    assert copies[command[1]] == "deploy/grpc_health_probe.py"
+    config = parse_args(entrypoint(path) + json.loads(ins["CMD"][0]))
+    assert flag(command, "--addr") == f"127.0.0.1:{config.port}"
+    assert config.host == "0.0.0.0" and str(config.adapters_dir) == "/adapters"
+
+    # everything COPY'd exists and passes the Dockerfile's own .dockerignore allowlist
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for i, a in steps:
+        if i == "COPY":
+            for source in a.split()[:-1]:
+                assert (ROOT / source).exists(), source
+                assert source.rstrip("/") in allowed, source
+
+
+def test_compose_wires_server_prometheus_grafana_and_the_balancer():
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    assert set(services) == {"loraserve", "haproxy", "prometheus", "grafana"}
+    assert services["haproxy"]["profiles"] == ["scale-out"]
+    server = services["loraserve"]
+    dockerfile = re.sub(r"\$\{\w+:-(.*)\}", r"\1", server["build"]["dockerfile"])
+    assert (DEPLOY / server["build"]["context"] / dockerfile).is_file()
+    command = [re.sub(r"\$\{\w+:-(.*)\}", r"\1", a) for a in server["command"]]
+    config = parse_args(entrypoint(DEPLOY / "Dockerfile.cpu") + command)
+    assert "adapters:/adapters" in server["volumes"] and "adapters" in compose["volumes"]
+    assert float(server["stop_grace_period"].rstrip("s")) > config.drain_grace
+
+    for service in services.values():  # bind mounts point at files shipped in deploy/
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), volume
+    prometheus = services["prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    scrape = load_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]
+    jobs = {job["job_name"]: job for job in scrape}
+    assert jobs["loraserve"]["dns_sd_configs"][0]["port"] == config.metrics_port
+
+    # HAProxy's servers are the containers `docker compose --scale loraserve=3` creates
+    servers = re.findall(r"^\s*server \S+ (\S+):(\d+)", HAPROXY_CFG.read_text(), re.M)
+    assert servers == [(f"{compose['name']}-loraserve-{i}", str(config.port)) for i in range(1, 4)]
+
+
+def test_envoy_ring_hashes_the_adapter_header_with_grpc_health_checks():
+    envoy = load_yaml(DEPLOY / "envoy" / "envoy.yaml")
+    (listener,) = envoy["static_resources"]["listeners"]
+    (hcm,) = listener["filter_chains"][0]["filters"]
+    (route,) = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["hash_policy"] == [{"header": {"header_name": "x-lora-adapter"}}]
+    assert "unavailable" in route["route"]["retry_policy"]["retry_on"]
+    (cluster,) = envoy["static_resources"]["clusters"]
+    assert cluster["lb_policy"] == "RING_HASH"
+    assert route["route"]["cluster"] == cluster["name"]
+    options = cluster["typed_extension_protocol_options"]
+    assert "http2_protocol_options" in next(iter(options.values()))["explicit_http_config"]
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"]["service_name"] == SERVICE
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]["address"]
+    assert address.startswith("loraserve-headless.")  # the headless Service in deploy/k8s
+
+
+# ------------------------------------------------------------------------------ scale-out
+
+ADAPTERS = [f"task{i:02d}" for i in range(12)]
+
+
+def owners(replicas: list[Replica], before: list[dict], names: list[str]) -> dict[str, list]:
+    """{adapter: [(replica index, OK requests since ``before``)]} for replicas with any."""
+    now = [r.requests() for r in replicas]
+    found: dict[str, list] = {n: [] for n in names}
+    for i, (b, a) in enumerate(zip(before, now)):
+        for name in names:
+            delta = a.get((name, "OK"), 0) - b.get((name, "OK"), 0)
+            if delta:
+                found[name].append((i, delta))
+    return found
+
+
+def send_each(client: LoraClient, names: list[str], times: int) -> None:
+    for name in names:
+        for _ in range(times):
+            assert client.generate("hi", adapter=name, max_new_tokens=2).adapter == name
+
+
+def test_replicas_behind_haproxy_keep_adapter_affinity(tiny_llama, tmp_path):
+    haproxy = tool("haproxy")
+    store = tmp_path / "adapters"
+    store.mkdir()
+    for seed, name in enumerate(ADAPTERS):
+        write_adapter(store / f"{name}.safetensors", random_adapter(tiny_llama, name, seed=seed))
+    replicas: list[Replica] = []
+    balancer = None
+    try:
+        for i in range(3):
+            log = tmp_path / f"replica{i + 1}.log"
+            flags = ("--watch-poll-interval", "0.5", "--drain-grace", "5")
+            replicas.append(Replica.start(tiny_llama, store, log, *flags))
+        for replica in replicas:
+            replica.wait_ready()
+        balancer = HAProxy.start(haproxy, [r.port for r in replicas], tmp_path)
+        balancer.wait_states({f"replica{i}": "UP" for i in (1, 2, 3)})
+        assert probe(replicas[0].port) == 0  # the image's HEALTHCHECK, on a real replica
+
+        with LoraClient(balancer.target, retries=1, timeout=30) as client:
+            # 1. every adapter lands on exactly one replica, and not all on the same one
+            zero = [{} for _ in replicas]
+            send_each(client, ADAPTERS, times=3)
+            placed = owners(replicas, zero, ADAPTERS)
+            assert all(len(o) == 1 and o[0][1] == 3 for o in placed.values()), placed
+            home = {name: o[0][0] for name, o in placed.items()}
+            assert len(set(home.values())) >= 2, home
+
+            # 2. a file dropped into the shared folder is served through the balancer
+            fresh = "fresh-task"
+            write_adapter(store / f"{fresh}.safetensors", random_adapter(tiny_llama, fresh, 99))
+
+            def served():
+                try:
+                    return client.generate("hi", adapter=fresh, max_new_tokens=2)
+                except AdapterNotFoundError:
+                    return None  # not seen by that replica's watcher yet
+
+            assert wait_for(served, timeout=15, interval=0.2).adapter == fresh
+            (owner,) = owners(replicas, zero, [fresh])[fresh]
+            home[fresh] = owner[0]
+
+            # 3. SIGTERM the busiest replica while a client keeps calling every adapter
+            names = [*ADAPTERS, fresh]
+            victim = max(range(3), key=lambda i: sum(h == i for h in home.values()))
+            errors, calls, stop = [], [], threading.Event()
+
+            def keep_calling():
+                with LoraClient(balancer.target, retries=1, timeout=30) as c:
+                    for n in range(5000):  # bounded; stopped by the event long before
+                        if stop.is_set():
+                            return
+                        name = names[n % len(names)]
+                        try:
+                            c.generate("hi", adapter=name, max_new_tokens=2)
+                        except Exception as err:  # noqa: BLE001 - every failure is a finding
+                            errors.append((name, repr(err)))
+                        calls.append(name)
+
+            caller = threading.Thread(target=keep_calling, daemon=True)
+            caller.start()
+            wait_for(lambda: len(calls) >= len(names), timeout=30)
+            replicas[victim].terminate()
+            assert replicas[victim].proc.wait(timeout=20) == 0  # drained, exit 0
+            assert probe(replicas[victim].port) == 1
+            states = {f"replica{i + 1}": "DOWN" if i == victim else "UP" for i in range(3)}
+            balancer.wait_states(states)
+            seen = len(calls)
+            wait_for(lambda: len(calls) >= seen + len(names), timeout=30)  # a lap after
+            stop.set()
+            caller.join(timeout=30)
+            assert errors == [], f"{len(errors)} failed calls of {len(calls)}: {errors[:3]}"
+
+            # 4. the victim's adapters moved, each to one survivor; the others stayed home
+            survivors = [r for i, r in enumerate(replicas) if i != victim]
+            index = [i for i in range(3) if i != victim]
+            before = [r.requests() for r in survivors]
+            send_each(client, names, times=2)
+            moved = owners(survivors, before, names)
+            for name in names:
+                assert len(moved[name]) == 1 and moved[name][0][1] == 2, (name, moved[name])
+                now = index[moved[name][0][0]]
+                if home[name] != victim:
+                    assert now == home[name], f"{name} left a healthy replica"
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for replica in replicas:
+            replica.stop()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.log"))
+        print(logs)  # shown by pytest only when the test fails
