@@ -39,6 +39,11 @@ serve: install
 		[ -e "$(ADAPTERS_DIR)/$$(basename $$f)" ] || cp "$$f" "$(ADAPTERS_DIR)/"; done
 	$(VENV)/bin/loraserve-server --model demo --adapters $(ADAPTERS_DIR) $(SERVE_ARGS)
 
+# Rebuild the embedded demo (base model, tokenizer, data, 4 adapters) from scratch,
+# deterministically for a given machine and torch version; ~6-7 minutes on 2 CPU cores.
+demo-assets: install
+	$(PY) -m adapters.demo_recipe
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check adapters server client tests bench

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adapters.demo_paths import demo_base_dir
 from adapters.format import (
     InvalidAdapter,
     LoRAConfig,
@@ -90,11 +91,6 @@ DEFAULT_TARGETS = {
 
 class TrainError(ValueError):
     """Bad input (data, flags, paths, checkpoint); the message says what and where."""
-
-
-def demo_base_path() -> Path:
-    """Where the embedded demo base model lives (``--base demo``)."""
-    return Path(__file__).resolve().parent / "demo" / "base"
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +429,7 @@ def resolve_runtime(device: str, threads: int | None = None) -> Runtime:
 
 def load_base(base: str, runtime: Runtime) -> LoadedModel:
     """``load_model`` of the folder (or the demo), with a tokenizer that knows its EOS."""
-    path = demo_base_path() if base == "demo" else Path(base)
+    path = demo_base_dir() if base == "demo" else Path(base)
     if base == "demo" and not (path / "config.json").is_file():
         raise TrainError(
             f"--base demo: the embedded demo base model is not installed ({path} is missing); "
@@ -959,7 +955,8 @@ def write_output(run: Run) -> tuple[Path, str]:
         use_rslora=config.rslora,
         target_modules=run.targets,
         base_fingerprint=run.loaded.fingerprint,
-        base_model=config.base,
+        # the folder's name, not its path: the file's bytes must not depend on where it was built
+        base_model=config.base if config.base == "demo" else Path(config.base).name,
         fan_in_fan_out=model.config.arch == "gpt2",  # what PEFT sets for GPT-2's Conv1D
     )
     name = config.out.name.removesuffix(".safetensors")

@@ -254,7 +254,7 @@ def test_adapter_loads_in_read_adapter_and_in_peft(base, overrides, data, tmp_pa
     targets = adapters.train.DEFAULT_TARGETS[loaded.config.arch]
     assert adapter.config == LoRAConfig(
         r=4, lora_alpha=8.0, use_rslora=overrides.get("rslora", False), target_modules=targets,
-        base_fingerprint=loaded.fingerprint, base_model=str(checkpoint),
+        base_fingerprint=loaded.fingerprint, base_model=checkpoint.name,
         fan_in_fan_out=loaded.config.arch == "gpt2",
     )  # fmt: skip
     validate_adapter(adapter, linear_shapes(loaded.model), loaded.fingerprint, max_rank=4)
@@ -408,7 +408,7 @@ def test_bad_paths_and_flags_are_refused(case, tiny_llama, data, tmp_path, capsy
 
 
 def test_demo_base_missing_says_so(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(adapters.train, "demo_base_path", lambda: tmp_path / "demo" / "base")
+    monkeypatch.setattr(adapters.train, "demo_base_dir", lambda: tmp_path / "demo" / "base")
     code, _, err = cli(capsys, "--data", data, "--out", tmp_path / "task.safetensors")
     assert code == 2 and "--base demo" in err and "not installed" in err
 
