@@ -13,7 +13,7 @@ and tests use it the same way: ``Runtime(config).start()`` ... ``stop(grace)``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -88,10 +88,14 @@ def model_path(model: str) -> Path:
 
 class Runtime:
     def __init__(self, config: ServerConfig):
-        self.config = config
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.loaded = load_model(model_path(config.model), self.device, self.dtype)
+        limit = self.loaded.config.max_position_embeddings
+        if config.max_seq_len > limit:
+            log.info("max_seq_len %d lowered to the model's %d", config.max_seq_len, limit)
+            config = replace(config, max_seq_len=limit)
+        self.config = config
         if self.loaded.tokenizer is None:
             raise ValueError(f"{self.loaded.path} has no tokenizer.json; the server needs one")
         self.tokenizer = self.loaded.tokenizer
