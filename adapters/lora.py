@@ -232,33 +232,41 @@ class LoRAContext:
     """Which adapter slot every token of the current forward uses; shared by all batched layers.
 
     The engine calls ``set_slots`` once per model forward. Routing that every layer would
-    otherwise recompute (the grouping of tokens by slot) is computed here once.
+    otherwise recompute is derived here once:
+
+    - ``single``: the one slot every token uses, when there is exactly one (no gather needed);
+    - ``row_slots``: ``[B]``, when slots come as ``[B, S]`` and each row uses one slot (always
+      so in the engine: a row is one sequence), so layers gather per row, not per token;
+    - ``segments``: ``(slot, token indices)`` per distinct non-zero slot, for ``"segment"``.
     """
 
     def __init__(self) -> None:
         self.slots: Tensor | None = None  # [T] long, flattened [B, S] token order
-        self.segments: list[tuple[int, Tensor]] = []  # (slot, token indices) for slot != 0
+        self.single: int | None = None
+        self.row_slots: Tensor | None = None  # [B] long
+        self.segments: list[tuple[int, Tensor]] = []
+        self.active = False  # any token on a non-zero slot?
 
     def set_slots(self, slots: Tensor) -> None:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
         flat = slots.reshape(-1).long()
         self.slots = flat
-        self.segments = []
-        if flat.numel() == 0:
+        self.single, self.row_slots, self.segments = None, None, []
+        ids = torch.unique(flat).tolist() if flat.numel() else [0]
+        self.active = ids != [0]
+        if not self.active:
             return
-        ids = torch.unique(flat).tolist()
-        if ids == [0]:
+        if len(ids) == 1:
+            self.single = ids[0]
             return
-        if len(ids) == 1:  # the whole batch on one adapter: no gather needed
-            self.segments = [(ids[0], None)]
-            return
-        for slot in ids:
-            if slot != 0:
-                self.segments.append((slot, torch.nonzero(flat == slot).squeeze(1)))
+        if slots.dim() == 2 and bool((slots == slots[:, :1]).all()):
+            self.row_slots = slots[:, 0].long()
+        self.segments = [
+            (slot, torch.nonzero(flat == slot).squeeze(1)) for slot in ids if slot != 0
+        ]
 
     def clear(self) -> None:
-        self.slots = None
-        self.segments = []
+        self.set_slots(torch.zeros(0, dtype=torch.long))
 
 
 class BatchedLoRALinear(nn.Module):
@@ -275,11 +283,14 @@ class BatchedLoRALinear(nn.Module):
 
     - ``"loop"``: the loop above, one token at a time. The reference; slow.
     - ``"segment"``: group tokens by slot (grouping done once per step in ``LoRAContext``), one
-      ``x_g @ A[s] @ B[s]`` per distinct adapter. Reads each distinct adapter once; best when many
-      tokens share an adapter (prefill, or few adapters).
-    - ``"gather"``: gather every token's ``A``/``B`` and run two batched matmuls (BGMV
-      semantics). One kernel call whatever the number of adapters; best for decode steps where
-      most rows use different adapters.
+      ``x_g @ A[s] @ B[s]`` per distinct adapter. One Python-level matmul pair per adapter: fine
+      for a few adapters, slow for many.
+    - ``"gather"`` (the server's default): gather each *row's* ``A``/``B`` (``[B, in, r]``) and
+      run two batched matmuls over ``x: [B, S, in]``, for prefill and decode alike; when slots
+      vary inside a row, gather per token instead (BGMV semantics). Two kernels whatever the
+      number of adapters.
+
+    Both fast paths take ``x @ A[s] @ B[s]`` directly when every token uses the same slot.
 
     Slot 0 is all zeros and means "base only", so a mixed batch needs no special case.
     """
@@ -345,14 +356,23 @@ class BatchedLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.linear(x)
-        if not self.context.segments:
+        ctx = self.context
+        if not ctx.active:
             return y  # every token on slot 0: the base model
+        if ctx.single is not None and self.backend != "loop":
+            s = ctx.single
+            return y + (x @ self.A[s]) @ self.B[s]
+        return self._forward_delta(x, y)
+
+    def _flat(self, x: Tensor, y: Tensor, delta) -> Tensor:
+        """Run ``delta(x [T, in], y [T, out])`` on flattened tokens; restore y's shape."""
         shape = y.shape
-        xf = x.reshape(-1, x.shape[-1])  # [T, in]
-        yf = y.reshape(-1, shape[-1])  # [T, out]
-        return self._forward_delta(xf, yf).reshape(shape)
+        return delta(x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])).reshape(shape)
 
     def _delta_loop(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._flat(x, y, self._loop)
+
+    def _loop(self, x: Tensor, y: Tensor) -> Tensor:
         slots = self.context.slots.tolist()
         out = y.clone()
         for t, s in enumerate(slots):
@@ -360,16 +380,22 @@ class BatchedLoRALinear(nn.Module):
         return out
 
     def _delta_segment(self, x: Tensor, y: Tensor) -> Tensor:
-        segments = self.context.segments
-        if len(segments) == 1 and segments[0][1] is None:
-            s = segments[0][0]
-            return y + (x @ self.A[s]) @ self.B[s]
+        return self._flat(x, y, self._segments)
+
+    def _segments(self, x: Tensor, y: Tensor) -> Tensor:
         out = y.clone()
-        for s, idx in segments:
+        for s, idx in self.context.segments:
             out.index_add_(0, idx, (x.index_select(0, idx) @ self.A[s]) @ self.B[s])
         return out
 
     def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
+        rows = self.context.row_slots
+        if rows is not None and x.dim() == 3 and x.shape[0] == rows.shape[0]:
+            h = torch.bmm(x, self.A.index_select(0, rows))  # [B, S, r_max]
+            return y + torch.bmm(h, self.B.index_select(0, rows))  # [B, S, out]
+        return self._flat(x, y, self._per_token)
+
+    def _per_token(self, x: Tensor, y: Tensor) -> Tensor:
         slots = self.context.slots
         h = torch.bmm(x.unsqueeze(1), self.A.index_select(0, slots))  # [T, 1, r_max]
         return y + torch.bmm(h, self.B.index_select(0, slots)).squeeze(1)  # [T, out]

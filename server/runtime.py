@@ -45,7 +45,7 @@ class ServerConfig:
     max_cached_bytes: int = 4 << 30  # host-memory LRU, byte bound
     max_lora_rank: int = 64
     lora_targets: str = "all-linear"  # which base layers get slot tables
-    lora_backend: str = "segment"
+    lora_backend: str = "gather"  # see adapters.lora.BatchedLoRALinear; bench/engine.py
     max_batch_size: int = 32
     max_seq_len: int = 1024
     max_queue: int = 256
