@@ -44,6 +44,13 @@ serve: install
 demo-assets: install
 	$(PY) -m adapters.demo_recipe
 
+# Benchmarks (bench/README.md): the full CPU suite ~15 min, the quick one ~2 min on 2 cores.
+bench: install
+	$(PY) -m bench
+
+bench-quick: install
+	$(PY) -m bench --quick
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check adapters server client tests bench

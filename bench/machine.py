@@ -1,0 +1,140 @@
+"""The machine a benchmark runs on: what it is, its memory bandwidth, and whether it is quiet.
+
+- ``describe(device, dtype)``: CPU model, logical CPUs, torch threads, library versions, device.
+- ``memory_bandwidth(device)``: GB/s of a large tensor copy, counting bytes read + written
+  (``2 * nbytes / time``), median of several copies. This is the number the physical floors
+  divide by: a decode step must at least read every byte of weights it uses once.
+- ``wait_until_quiet()``: the benchmarks share a small machine with other jobs; before each timed
+  repetition they wait (bounded) until the other processes leave the CPUs idle.
+- ``OthersMeter``: how much CPU *other* processes used while a repetition ran (all CPU time
+  minus this process's), so a repetition a neighbour slowed down can be recognised and redone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+
+import torch
+
+
+def describe(device: str, dtype: str) -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(_mem_total_gib(), 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "device": device,
+        "dtype": dtype,
+        "platform": platform.platform(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def memory_bandwidth(device: str, nbytes: int = 512 << 20, reps: int = 9) -> float:
+    """GB/s of ``dst.copy_(src)`` on ``device``, bytes read + written, median of ``reps``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        nbytes = max(nbytes, 2 << 30)  # large enough to leave the GPU's L2 far behind
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        _sync(dev)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(dev)
+        if i >= 2:  # first copies fault pages in
+            times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_busy(interval: float = 0.25) -> float:
+    """Fraction of all CPUs busy over ``interval`` (0..1), from /proc/stat; 0 where unknown."""
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None:
+        return 0.0
+    idle, total = b[0] - a[0], b[1] - a[1]
+    return 1.0 - idle / total if total > 0 else 0.0
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+
+def wait_until_quiet(threshold: float = 0.3, max_wait: float = 30.0) -> float:
+    """Wait (at most ``max_wait`` s) until the CPUs are at most ``threshold`` busy while this
+    process is idle; returns the last busy fraction seen (recorded next to each repetition)."""
+    end = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < end:
+        busy = cpu_busy(0.5)
+    return round(busy, 2)
+
+
+class OthersMeter:
+    """Fraction of the machine's CPUs that other processes kept busy between ``start`` and
+    ``stop`` (0..1): busy time from /proc/stat minus this process's own CPU time."""
+
+    def start(self) -> None:
+        self._t, self._own, self._cpu = time.monotonic(), time.process_time(), _cpu_times()
+
+    def stop(self) -> float:
+        wall, own, cpu = time.monotonic() - self._t, time.process_time() - self._own, _cpu_times()
+        if cpu is None or self._cpu is None or wall <= 0:
+            return 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = ((cpu[1] - cpu[0]) - (self._cpu[1] - self._cpu[0])) / tick
+        return round(max(0.0, busy - own) / (wall * (os.cpu_count() or 1)), 3)
