@@ -363,7 +363,8 @@ class Engine:
         """One scheduling iteration; returns whether any forward ran or anything finished."""
         reaped = self._reap()
         admitted = self._admit()
-        decoding = [s for s in self._running if s not in admitted]
+        # in KV-row order: a batch on rows 0..B-1 reads the cache as views instead of a gather
+        decoding = sorted((s for s in self._running if s not in admitted), key=lambda s: s.row)
         if admitted:
             self._run_batch(admitted, prefill=True)
         if decoding:
@@ -471,14 +472,15 @@ class Engine:
             positions = torch.tensor([[s.position] for s in seqs])
             last = torch.zeros(len(seqs), dtype=torch.long)
         slots = torch.tensor([s.slot for s in seqs])[:, None].expand_as(ids)
-        rows = torch.tensor([s.row for s in seqs])
+        row_ids = [s.row for s in seqs]
+        rows = None if row_ids == list(range(len(seqs))) else torch.tensor(row_ids)
         dev = self.device
         self.adapters.set_token_slots(slots.to(dev))
         return self.model(
             ids.to(dev),
             positions=positions.to(dev),
             kv_cache=self.kv_cache,
-            cache_rows=rows.to(dev),
+            cache_rows=None if rows is None else rows.to(dev),
             logits_at=last.to(dev),
         )
 

@@ -13,6 +13,7 @@ and tests use it the same way: ``Runtime(config).start()`` ... ``stop(grace)``.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -86,10 +87,39 @@ def model_path(model: str) -> Path:
     return demo_base_dir() if model == "demo" else Path(model)
 
 
+def on_exiting_thread(fn):
+    """Run ``fn()`` on a new thread that exits when it returns; re-raise what it raised.
+
+    torch's CPU ops run on OpenMP, and GNU libgomp keeps a worker pool for every thread that
+    ever ran a parallel op. Once the pools together hold more threads than there are CPUs,
+    libgomp stops spin-waiting between parallel regions, and every op the engine thread runs
+    pays a futex wake-up (0.1-0.2 ms). Loading the model here, and not on a thread that lives
+    on, keeps the engine thread's pool the only one.
+    """
+    box: list = []
+
+    def run():
+        try:
+            box.append((fn(), None))
+        except BaseException as e:  # re-raised on the caller's thread
+            box.append((None, e))
+
+    thread = threading.Thread(target=run, name="loraserve-build")
+    thread.start()
+    thread.join()
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 class Runtime:
     def __init__(self, config: ServerConfig):
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        on_exiting_thread(lambda: self._build(config))
+
+    def _build(self, config: ServerConfig) -> None:
         self.loaded = load_model(model_path(config.model), self.device, self.dtype)
         limit = self.loaded.config.max_position_embeddings
         if config.max_seq_len > limit:
@@ -146,7 +176,7 @@ class Runtime:
     def start(self) -> Runtime:
         if not self.adapters_dir.is_dir():
             raise ValueError(f"adapters directory {self.adapters_dir} does not exist")
-        self.registry.scan()
+        on_exiting_thread(self.registry.scan)
         self.watcher.start()
         self.engine.start()
         log.info(

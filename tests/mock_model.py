@@ -28,7 +28,11 @@ class MockModel(torch.nn.Module):
             time.sleep(self.delay)
         B, S = input_ids.shape
         self.calls.append(
-            {"shape": (B, S), "rows": cache_rows.tolist(), "positions": positions.tolist()}
+            {
+                "shape": (B, S),
+                "rows": list(range(B)) if cache_rows is None else cache_rows.tolist(),
+                "positions": positions.tolist(),
+            }
         )
         last = input_ids[torch.arange(B), logits_at]
         if self.fail_on_token is not None and (last == self.fail_on_token).any():
