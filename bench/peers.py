@@ -273,9 +273,9 @@ def run_suite(args: argparse.Namespace) -> dict:
     machine = describe(args.device, args.dtype)
     bw = run_worker("bench.peers", {"kind": "bandwidth", "device": args.device})["gb_s"]
     print(f"memory bandwidth {bw:.1f} GB/s (copy, read + written)", flush=True)
-    points = []
+    points, failures = [], []
     for job in plan.jobs:
-        points += _measure(args, plan, job)
+        points += _measure(args, plan, job, failures)
     grid: dict[str, dict] = {}
     for job in plan.jobs:
         if all(b == BATCH for _, b in job.points):
@@ -300,6 +300,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         },
         "memory_bandwidth_gb_s": bw,
         "points": points,
+        "failed_jobs": failures,
     }
     report["summary"] = summarize(report, args)
     report["targets"] = check_targets(report["summary"])
@@ -307,7 +308,7 @@ def run_suite(args: argparse.Namespace) -> dict:
     return report
 
 
-def _measure(args, plan: Plan, job: Job) -> list:
+def _measure(args, plan: Plan, job: Job, failures: list) -> list:
     spec = ck.SPECS[job.hidden]
     model = ck.checkpoint(spec, args.cache_dir)
     points = [
@@ -334,7 +335,12 @@ def _measure(args, plan: Plan, job: Job) -> list:
         "quiet_wait": plan.quiet_wait,
     }
     t0 = time.monotonic()
-    results = run_worker("bench.peers", payload)["points"]
+    try:
+        results = run_worker("bench.peers", payload)["points"]
+    except RuntimeError as e:  # keep what the other workers measured; say what failed
+        print(f"  FAILED: {job.method}, hidden {job.hidden}, rank {job.rank}: {e}", flush=True)
+        failures.append({**asdict(job), "error": str(e)[-2000:]})
+        return []
     elapsed = time.monotonic() - t0
     for p in results:
         p.update(hidden=job.hidden, method=job.method if p["adapters"] else "base", rank=job.rank)
@@ -393,6 +399,8 @@ def summarize(report: dict, args) -> dict:
 
 def _floor(base, engine, shapes, rank, n, element, bw, report) -> dict:
     """(c)-style floor: base decode step + the distinct adapters of a step read once."""
+    if None in (base["decode_step_ms"], base["prefill_ms_per_rep"], engine["decode_step_ms"]):
+        return {}  # too few tokens for a full-batch decode step
     distinct_per_step = min(n, BATCH)
     extra_ms = 1000 * distinct_per_step * ck.adapter_bytes(shapes, rank, element) / (bw * 1e9)
     steps = report["settings"]["new_tokens"] - 1
@@ -502,6 +510,9 @@ def markdown(report: dict, plots: list[Path]) -> str:
             f"| {t['metric']} | >= {t['target']} | {_fmt(t['measured'], 3)} | "
             f"{'yes' if t['met'] else 'NO'} |"
         )
+    for f in report.get("failed_jobs", []):
+        reason = f["error"].strip().splitlines()[-1]
+        lines.append(f"\nFAILED: {f['method']} at hidden {f['hidden']}, rank {f['rank']}: {reason}")
     lines += ["", "## Scaling curves", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Suite wall time {report['elapsed_s']:.0f} s.", ""]
