@@ -1,8 +1,8 @@
 """The benchmark suite: ``python -m bench [--quick] [--device cuda --dtype bfloat16] [--out DIR]``.
 
 Runs ``bench.engine`` then ``bench.peers`` with the same arguments and prints where the results
-went. On this project's 2-core CPU machine the full suite takes about 15 minutes and ``--quick``
-about 2 (hidden 512 only, fewer tokens); see bench/README.md.
+went. On this project's 2-core CPU machine the full suite takes about 9 minutes and ``--quick``
+about 1.5 (hidden 512 only, fewer tokens); see bench/README.md.
 """
 
 from __future__ import annotations
