@@ -246,6 +246,8 @@ class LoRAContext:
         self.row_slots: Tensor | None = None  # [B] long
         self.segments: list[tuple[int, Tensor]] = []
         self.active = False  # any token on a non-zero slot?
+        self.rank = 0  # the largest adapter rank among this forward's slots
+        self.slot_rank: dict[int, int] = {}  # filled slot -> its adapter's rank
 
     def set_slots(self, slots: Tensor) -> None:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
@@ -256,6 +258,8 @@ class LoRAContext:
         self.active = ids != [0]
         if not self.active:
             return
+        # slots filled without the table (tests) count as full rank
+        self.rank = max(self.slot_rank.get(i, 1 << 30) for i in ids if i != 0)
         if len(ids) == 1:
             self.single = ids[0]
             return
@@ -360,8 +364,8 @@ class BatchedLoRALinear(nn.Module):
         if not ctx.active:
             return y  # every token on slot 0: the base model
         if ctx.single is not None and self.backend != "loop":
-            s = ctx.single
-            return y + (x @ self.A[s]) @ self.B[s]
+            s, r = ctx.single, ctx.rank
+            return y + (x @ self.A[s, :, :r]) @ self.B[s, :r]
         return self._forward_delta(x, y)
 
     def _flat(self, x: Tensor, y: Tensor, delta) -> Tensor:
@@ -391,8 +395,9 @@ class BatchedLoRALinear(nn.Module):
     def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
         rows = self.context.row_slots
         if rows is not None and x.dim() == 3 and x.shape[0] == rows.shape[0]:
-            h = torch.bmm(x, self.A.index_select(0, rows))  # [B, S, r_max]
-            return y + torch.bmm(h, self.B.index_select(0, rows))  # [B, S, out]
+            r = self.context.rank  # read only the ranks in use, not max_rank of zero padding
+            h = torch.bmm(x, self.A[:, :, :r].index_select(0, rows))  # [B, S, r]
+            return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
         return self._flat(x, y, self._per_token)
 
     def _per_token(self, x: Tensor, y: Tensor) -> Tensor:
@@ -426,10 +431,12 @@ class LoRASlotTable:
                 layer.set_slot(slot, A, B, scale)
             else:
                 layer.clear_slot(slot)
+        self.context.slot_rank[slot] = max((w[0].shape[1] for w in weights.values()), default=0)
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
+        self.context.slot_rank.pop(slot, None)
 
     def set_token_slots(self, slots: Tensor) -> None:
         self.context.set_slots(slots)

@@ -239,3 +239,37 @@ def test_replace_with_batched_lora_shares_one_context():
     assert table.layers["layers.0.q_proj"].A[1].abs().sum() == 0
     with pytest.raises(ValueError, match="no LoRA-enabled layer"):
         table.fill(2, {"layers.0.v_proj": (A, B, s)})
+
+
+def test_the_table_reads_only_the_ranks_in_use_not_the_zero_padding():
+    """Slots are padded to ``max_rank``; a step computes with the largest rank it routes to."""
+    torch.manual_seed(3)
+    linear = nn.Linear(16, 16)
+    tables = {}
+    for backend in ("loop", "gather"):
+        model = nn.Sequential()
+        model.add_module("q_proj", nn.Linear(16, 16))
+        model.q_proj.load_state_dict(linear.state_dict())
+        tables[backend] = (
+            model,
+            replace_linear_with_batched_lora(
+                model, ["q_proj"], max_slots=3, max_rank=16, backend=backend
+            ),
+        )
+    adapters = make_adapters(2, 16, 16, [2, 5])
+    for _model, table in tables.values():
+        for slot, (A, B, s) in enumerate(adapters, start=1):
+            table.fill(slot, {"q_proj": (A, B, s)})
+    ctx = tables["gather"][1].context
+    assert ctx.slot_rank == {1: 2, 2: 5}
+    x = torch.randn(4, 3, 16)
+    for rows, rank in (([1, 1, 1, 1], 2), ([1, 0, 2, 1], 5), ([0, 2, 0, 0], 5)):
+        slots = torch.tensor(rows)[:, None].expand(-1, 3)
+        outs = []
+        for model, table in tables.values():
+            table.set_token_slots(slots)
+            outs.append(model(x))
+        assert ctx.rank == rank
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    tables["gather"][1].clear(2)
+    assert ctx.slot_rank == {1: 2}
