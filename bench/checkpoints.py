@@ -124,7 +124,13 @@ def adapter_name(i: int) -> str:
     return f"task-{i:03d}"
 
 
-def random_adapter(config: LoRAConfig, shapes: dict[str, tuple[int, int]], rank: int, seed: int):
+def random_adapter(
+    config: LoRAConfig,
+    shapes: dict[str, tuple[int, int]],
+    rank: int,
+    seed: int,
+    name: str | None = None,
+):
     """A (A, B) pair per layer with the scale of a trained adapter: |x A B s| ~ 5% of |x W|."""
     g = torch.Generator().manual_seed(1000 * rank + seed)
     weights = {
@@ -134,7 +140,7 @@ def random_adapter(config: LoRAConfig, shapes: dict[str, tuple[int, int]], rank:
         )
         for name, (d_in, d_out) in shapes.items()
     }
-    return build_adapter(adapter_name(seed), config, weights)
+    return build_adapter(name or adapter_name(seed), config, weights)
 
 
 def adapted_shapes(ckpt: Path) -> list[tuple[int, int]]:

@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="distinct adapter label values in metrics; the rest are '__other__'",
     )
     p.add_argument("--watch-poll-interval", type=float, default=DEFAULTS.watch_poll_interval)
+    p.add_argument(
+        "--watch-debounce",
+        type=float,
+        default=DEFAULTS.watch_debounce,
+        help="seconds a changed adapter must stay untouched before it is read",
+    )
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
@@ -105,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         prefill_token_budget=a.prefill_token_budget,
         max_adapter_labels=a.max_adapter_labels,
         watch_poll_interval=a.watch_poll_interval,
+        watch_debounce=a.watch_debounce,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_client_ca=a.tls_client_ca,

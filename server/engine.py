@@ -218,6 +218,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.adapters = adapters if adapters is not None else BaseOnlyAdapters()
+        self._begin_admission = getattr(self.adapters, "begin_admission", lambda: None)
         self.metrics = metrics
         self.device = torch.device(device)
         self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -399,6 +400,7 @@ class Engine:
         budget = self.config.prefill_token_budget
         with self._lock:
             candidates = list(self._waiting)
+        self._begin_admission()
         for handle, t_arrival in candidates:
             if not self._free_rows:
                 break

@@ -148,7 +148,15 @@ class Runtime:
         self.registry = AdapterRegistry(
             self.adapters_dir, self.check_adapter, self.host.put, self.metrics
         )
-        self.cache = AdapterCache(self.registry, self.table, self.host, self.device, self.metrics)
+        self.cache = AdapterCache(
+            self.registry,
+            self.table,
+            self.host,
+            self.device,
+            self.metrics,
+            # read ahead from disk for as many waiting adapters as there are device slots
+            prefetch=max(2, min(config.max_active_adapters, config.max_cached_adapters // 2)),
+        )
         self.engine = Engine(
             model,
             self.kv_cache,

@@ -306,3 +306,51 @@ def test_a_slow_adapter_load_does_not_stall_other_requests(tmp_path, model_dir, 
         assert waiting.result().token_ids  # and task-0 is served once its load lands
     finally:
         runtime.stop()
+
+
+def test_disk_reads_are_bounded_per_admission_pass(tmp_path, model_dir, adapters):
+    """A queue waiting on many adapters reads at most ``prefetch`` of them from disk at once,
+    and an adapter read for a request counts as a host miss when it is placed."""
+    runtime = Runtime(
+        serving_config(
+            model_dir, adapter_dir(tmp_path, adapters, 6), max_active_adapters=2,
+            max_cached_adapters=4,
+        )
+    )  # fmt: skip
+    runtime.registry.scan()  # host memory keeps the last four read: task-2 .. task-5
+    cache, metrics = runtime.cache, runtime.metrics
+    assert cache.prefetch == 2
+    gate, reads = threading.Event(), []
+    real_load = runtime.registry.load
+
+    def gated_load(entry):
+        reads.append(entry.name)
+        gate.wait(10)
+        return real_load(entry)
+
+    runtime.registry.load = gated_load
+    loads_before = metrics.loads.labels("ok")._value.get()
+    host = {True: metrics.cache_hits.labels("host"), False: metrics.cache_misses.labels("host")}
+    for _ in range(3):  # three passes over the same queue while the reads are in flight
+        cache.begin_admission()
+        assert [cache.acquire(n) for n in ("task-0", "task-1")] == [None, None]
+    assert sorted(reads) == ["task-0", "task-1"]  # each read once, however many passes
+    gate.set()
+    wait_for(lambda: {a.version for a in adapters[:2]} <= runtime.host.versions())
+    cache.begin_admission()
+    slot0, _ = cache.acquire("task-0")
+    slot1, _ = cache.acquire("task-1")
+    assert host[False]._value.get() == 2 and host[True]._value.get() == 0
+    assert metrics.loads.labels("ok")._value.get() - loads_before == 2
+    # host memory now holds task-4, task-5, task-0, task-1, and both slots are pinned: task-4
+    # and task-5 wait for a slot and fill the pass's budget, so task-2 is not read yet
+    cache.begin_admission()
+    assert [cache.acquire(n) for n in ("task-4", "task-5", "task-2")] == [None] * 3
+    assert sorted(reads) == ["task-0", "task-1"]
+    cache.release(slot0)
+    cache.begin_admission()
+    slot, _ = cache.acquire("task-4")
+    assert slot == slot0 and host[True]._value.get() == 1  # placed from host memory
+    assert cache.acquire("task-2") is None  # budget left: now it is read
+    wait_for(lambda: len(reads) == 3)
+    cache.close()
