@@ -1,8 +1,9 @@
 """The benchmark suite: ``python -m bench [--quick] [--device cuda --dtype bfloat16] [--out DIR]``.
 
-Runs ``bench.engine`` then ``bench.peers`` with the same arguments and prints where the results
-went. On this project's 2-core CPU machine the full suite takes about 9 minutes and ``--quick``
-about 1.5 (hidden 512 only, fewer tokens); see bench/README.md.
+Runs ``bench.engine``, ``bench.peers`` and ``bench.load`` with the same arguments and prints
+where the results went. On this project's 2-core CPU machine the full suite takes about 13
+minutes and ``--quick`` under 2 (hidden 512 only, fewer tokens, shorter load runs); see
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import argparse
 import sys
 import time
 
-from bench import engine, peers
+from bench import engine, load, peers
 
 
 def shared_args(argv: list[str]) -> list[str]:
     """The options both suites take, parsed here so a typo fails before anything runs."""
-    p = argparse.ArgumentParser(prog="python -m bench", description="engine + peers suites")
+    p = argparse.ArgumentParser(prog="python -m bench", description="engine, peers and load suites")
     p.add_argument("--quick", action="store_true", help="about 2 minutes on a 2-core CPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -42,8 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     peers_report = peers.run_suite(peers_args)
     peers_paths = peers.write(peers_report, peers_args.out)
     print(peers.markdown(peers_report, peers_paths[2:]))
+    load_args = load.parse_args(shared)
+    load_report = load.run_suite(load_args)
+    load_paths = load.write(load_report, load_args.out)
+    print(load.markdown(load_report, load_paths[2:]))
     print(f"suite done in {time.monotonic() - t0:.0f} s; wrote:")
-    for path in [*engine_paths, *peers_paths]:
+    for path in [*engine_paths, *peers_paths, *load_paths]:
         print(" ", path)
 
 

@@ -4,6 +4,8 @@ in-process, side by side in one run:
     (a) base     every row on the base model
     (b) one      every row on the same adapter
     (c) distinct every row on a different adapter (32 adapters)
+    (c') (c) with the server's default --max-lora-rank 64: slots are padded to 64, and a step
+         must compute with the ranks in use only (default backend only)
 
 on random Llama-style checkpoints at hidden 512 (6 layers, ~27M parameters) and hidden 2048
 (4 layers), rank-16 adapters on every linear layer but lm_head, batch 32, prompt 32 tokens,
@@ -37,7 +39,9 @@ from bench.machine import describe, memory_bandwidth, wait_until_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("segment", "gather")
-SCENARIOS = ("base", "one", "distinct")
+SCENARIOS = ("base", "one", "distinct", "distinct-r64")
+LABELS = {"base": "(a)", "one": "(b)", "distinct": "(c)", "distinct-r64": "(c')"}
+PADDED_RANK = 64  # the server's default --max-lora-rank
 RANK = 16
 BATCH = 32
 # (size, metric, target): the issue's targets for this machine
@@ -53,6 +57,7 @@ def row_adapters(scenario: str, batch: int) -> tuple[str, ...]:
         return ("",) * batch
     if scenario == "one":
         return (ck.adapter_name(0),) * batch
+    # "distinct" and "distinct-r64"
     return tuple(ck.adapter_name(i) for i in range(batch))
 
 
@@ -75,7 +80,7 @@ def engine_job(job: dict) -> dict:
         backend=job["backend"],
         device=job["device"],
         dtype=job["dtype"],
-        rank=job["rank"],
+        rank=job.get("max_rank", job["rank"]),
         slots=len(work.distinct),
         batch=job["batch"],
         max_seq_len=job["prompt_len"] + job["new_tokens"],
@@ -144,6 +149,7 @@ def run_suite(args: argparse.Namespace) -> dict:
                 "device": args.device,
                 "dtype": args.dtype,
                 "rank": RANK,
+                "max_rank": PADDED_RANK if scenario == "distinct-r64" else RANK,
                 "batch": BATCH,
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
@@ -201,8 +207,10 @@ def _ckpt(args, size: int) -> Path:
 
 
 def configurations(backends: list[str]) -> list[tuple[str, str]]:
-    """(a) once (no LoRA work at all, so no backend), then (b) and (c) per backend."""
-    return [("base", "segment")] + [(s, b) for b in backends for s in ("one", "distinct")]
+    """(a) once (no LoRA work at all, so no backend), then (b) and (c) per backend, then (c')
+    with the default backend (the last one listed)."""
+    runs = [("base", "segment")] + [(s, b) for b in backends for s in ("one", "distinct")]
+    return runs + [("distinct-r64", backends[-1])]
 
 
 def summarize(report: dict, args) -> dict:
@@ -240,6 +248,10 @@ def summarize(report: dict, args) -> dict:
                 "distinct step / floor step": distinct["decode_step_ms"] / floor_step,
                 "distinct tok/s / floor tok/s": distinct["tok_s"] / floor_tok_s,
             }
+        padded = [r for (sc, _), r in runs.items() if sc == "distinct-r64"]
+        if padded:
+            size_out["distinct-r64/base"] = padded[0]["tok_s"] / base["tok_s"]
+            size_out["distinct-r64 decode step ms"] = padded[0]["decode_step_ms"]
         out[str(size)] = size_out
     return out
 
@@ -315,7 +327,7 @@ def markdown(report: dict) -> str:
                 continue
             backend = "-" if r["scenario"] == "base" else r["backend"]
             lines.append(
-                f"| ({'abc'[SCENARIOS.index(r['scenario'])]}) {r['scenario']} | {backend} | "
+                f"| {LABELS[r['scenario']]} {r['scenario']} | {backend} | "
                 f"{r['tok_s']:.1f} | {r['tok_s'] / summ['base_tok_s']:.3f} | "
                 f"{r['decode_step_ms']:.2f} | "
                 f"{summ['base_decode_step_ms'] / r['decode_step_ms']:.3f} | "
@@ -335,6 +347,12 @@ def markdown(report: dict) -> str:
                 f"- {backend}: (c) decode step is {b['distinct step over floor ms']:+.2f} ms "
                 f"({b['distinct step / floor step']:.2f}x) from its floor; (c) throughput is "
                 f"{b['distinct tok/s / floor tok/s']:.2f} of the floor throughput."
+            )
+        if "distinct-r64/base" in summ:
+            lines.append(
+                f"- (c') the same adapters in slots padded to rank {PADDED_RANK} (the server's "
+                f"default `--max-lora-rank`): {summ['distinct-r64/base']:.3f} of base, decode "
+                f"step {summ['distinct-r64 decode step ms']:.2f} ms."
             )
         lines.append("")
     lines += ["## Targets", "", "| hidden | metric | backend | target | measured | met |"]

@@ -96,11 +96,11 @@ def make_plan(quick: bool) -> Plan:
             batch=32,
             prompt_len=32,
             new_tokens=16,
-            duration=6.0,
-            calibrate_requests=64,
+            duration=4.0,
+            calibrate_requests=48,
             rates=(("saturate", 1.3),),
             cold_ranks=(8, 16, 64),
-            cold_per_rank=3,
+            cold_per_rank=2,
         )
     return Plan(
         many=Setup("many", 1000, 16, 128),
@@ -501,7 +501,7 @@ def disk_to_device(ckpt: Path, files: list[Path], device: str, dtype: str, max_r
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="128 adapters, 8 slots, 6 s runs")
+    p.add_argument("--quick", action="store_true", help="128 adapters, 8 slots, 4 s runs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -513,20 +513,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run_suite(args: argparse.Namespace) -> dict:
+def run_suite(args: argparse.Namespace, plan: Plan | None = None, ckpt: Path | None = None) -> dict:
+    """The whole suite; ``plan`` and ``ckpt`` default to ``make_plan(args.quick)`` and the
+    hidden-512 bench checkpoint (tests pass a tiny model and plan)."""
+    from adapters.models import read_config
+
     t_start = time.monotonic()
-    plan = make_plan(args.quick)
+    plan = plan or make_plan(args.quick)
     if args.duration:
         plan = _replace(plan, duration=args.duration)
-    spec = ck.SMALL
-    ckpt = ck.checkpoint(spec, args.cache_dir)
+    ckpt = ckpt or ck.checkpoint(ck.SMALL, args.cache_dir)
+    from adapters.tokenizer import Tokenizer
+
+    config = read_config(ckpt)
+    vocab = min(config.vocab_size, Tokenizer(ckpt / "tokenizer.json").vocab_size)
     pool = adapter_pool(ckpt, plan.rank, plan.many.adapters, args.cache_dir)
     names = [p.name.removesuffix(".safetensors") for p in pool]
     report: dict = {
         "machine": describe(args.device, args.dtype),
         "settings": {
             "quick": args.quick,
-            "model": spec.label,
+            "model": f"hidden {config.hidden_size}, {config.num_layers} layers",
             "plan": asdict(plan),
             "adapter_mib": round(pool[0].stat().st_size / 2**20, 2),
         },
@@ -542,17 +549,17 @@ def run_suite(args: argparse.Namespace) -> dict:
         )
         try:
             report["runs"]["resident"] = {"start_s": server.start_s}
-            warm_up(server, names[: plan.resident.adapters], plan, spec.vocab)
+            warm_up(server, names[: plan.resident.adapters], plan, vocab)
             wait_until_quiet(max_wait=10)
             burst = run_load(server, names[: plan.resident.adapters], float("inf"), plan,
-                             spec.vocab, seed=1, duration=plan.calibrate_requests)  # fmt: skip
+                             vocab, seed=1, duration=plan.calibrate_requests)  # fmt: skip
             capacity = burst["requests_s"]
             report["capacity"] = {"requests_s": capacity, "burst": burst}
             print(f"resident capacity {capacity:.2f} req/s ({burst['output_tok_s']} tok/s)")
             for label, fraction in plan.rates:
                 wait_until_quiet(max_wait=10)
                 run = run_load(server, names[: plan.resident.adapters], fraction * capacity,
-                               plan, spec.vocab, seed=2)  # fmt: skip
+                               plan, vocab, seed=2)  # fmt: skip
                 report["runs"]["resident"][label] = run
                 _print_run("resident", label, run)
         finally:
@@ -566,16 +573,16 @@ def run_suite(args: argparse.Namespace) -> dict:
         )
         try:
             report["runs"]["many"] = {"start_s": server.start_s}
-            warm_up(server, names[: plan.many.adapters], plan, spec.vocab)
+            warm_up(server, names[: plan.many.adapters], plan, vocab)
             for label, fraction in plan.rates:
                 wait_until_quiet(max_wait=10)
                 run = run_load(server, names[: plan.many.adapters], fraction * capacity, plan,
-                               spec.vocab, seed=2)  # fmt: skip
+                               vocab, seed=2)  # fmt: skip
                 report["runs"]["many"][label] = run
                 _print_run("many", label, run)
             wait_until_quiet(max_wait=10)
             cold, files = cold_loads(
-                server, folder, ckpt, plan.cold_ranks, plan.cold_per_rank, spec.vocab
+                server, folder, ckpt, plan.cold_ranks, plan.cold_per_rank, vocab
             )
             report["cold_load"] = {"rename_to_first_token_ms": cold}
         finally:
