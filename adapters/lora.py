@@ -21,11 +21,11 @@ Two shapes of the same math live here:
 - Training shape: ``LoRALayer`` / ``LinearWithLoRA`` / ``replace_linear_with_lora``. One adapter,
   trainable ``A`` and ``B``, swapped into an already-built model by walking its module tree.
 - Serving shape: ``BatchedLoRALinear``. One frozen linear plus a preallocated *slot table* of many
-  adapters (``A: [slots+1, in, r_max]``, ``B: [slots+1, r_max, out]``, slot 0 all zeros = base
-  only, ranks zero-padded, ``s`` folded into ``B``). Every token of a batch names its slot, so
-  one forward serves rows of different adapters. The per-step routing lives in a ``LoRAContext``
-  shared by all batched layers of a model; the engine sets it once per forward, so the model code
-  knows nothing about LoRA.
+  adapters (``A`` stored transposed as ``[slots+1, r_max, in]``, ``B: [slots+1, r_max, out]``,
+  slot 0 all zeros = base only, ranks zero-padded, ``s`` folded into ``B``). Every token of a
+  batch names its slot, so one forward serves rows of different adapters. The per-step routing
+  lives in a ``LoRAContext`` shared by all batched layers of a model; the engine sets it once
+  per forward, so the model code knows nothing about LoRA.
 """
 
 from __future__ import annotations
@@ -319,8 +319,9 @@ class BatchedLoRALinear(nn.Module):
         self.max_rank = max_rank
         w = linear.weight
         kw = {"device": w.device, "dtype": w.dtype}
-        # A: [slots+1, in, r_max]   B: [slots+1, r_max, out]   slot 0 stays zero forever.
-        self.register_buffer("A", torch.zeros(max_slots + 1, linear.in_features, max_rank, **kw))
+        # A: [slots+1, r_max, in] (stored transposed, so the first r ranks of a slot are one
+        # contiguous block)   B: [slots+1, r_max, out]   slot 0 stays zero forever.
+        self.register_buffer("A", torch.zeros(max_slots + 1, max_rank, linear.in_features, **kw))
         self.register_buffer("B", torch.zeros(max_slots + 1, max_rank, linear.out_features, **kw))
         self._forward_delta = {
             "loop": self._delta_loop,
@@ -340,14 +341,14 @@ class BatchedLoRALinear(nn.Module):
         r = A.shape[1]
         if r > self.max_rank:
             raise ValueError(f"adapter rank {r} exceeds this layer's max rank {self.max_rank}")
-        if A.shape[0] != self.A.shape[1] or B.shape != (r, self.B.shape[2]):
+        if A.shape[0] != self.A.shape[2] or B.shape != (r, self.B.shape[2]):
             raise ValueError(
                 f"adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit "
-                f"in={self.A.shape[1]} out={self.B.shape[2]}"
+                f"in={self.A.shape[2]} out={self.B.shape[2]}"
             )
         self.A[slot].zero_()
         self.B[slot].zero_()
-        self.A[slot, :, :r] = A.to(self.A.dtype)
+        self.A[slot, :r] = A.T.to(self.A.dtype)
         # Scale in float32 before rounding to the table's dtype.
         self.B[slot, :r] = (B.float() * scale).to(self.B.dtype)
 
@@ -365,7 +366,7 @@ class BatchedLoRALinear(nn.Module):
             return y  # every token on slot 0: the base model
         if ctx.single is not None and self.backend != "loop":
             s, r = ctx.single, ctx.rank
-            return y + (x @ self.A[s, :, :r]) @ self.B[s, :r]
+            return y + (x @ self.A[s, :r].T) @ self.B[s, :r]
         return self._forward_delta(x, y)
 
     def _flat(self, x: Tensor, y: Tensor, delta) -> Tensor:
@@ -380,30 +381,31 @@ class BatchedLoRALinear(nn.Module):
         slots = self.context.slots.tolist()
         out = y.clone()
         for t, s in enumerate(slots):
-            out[t] += (x[t] @ self.A[s]) @ self.B[s]
+            out[t] += (x[t] @ self.A[s].T) @ self.B[s]
         return out
 
     def _delta_segment(self, x: Tensor, y: Tensor) -> Tensor:
         return self._flat(x, y, self._segments)
 
     def _segments(self, x: Tensor, y: Tensor) -> Tensor:
-        out = y.clone()
+        out, r = y.clone(), self.context.rank
         for s, idx in self.context.segments:
-            out.index_add_(0, idx, (x.index_select(0, idx) @ self.A[s]) @ self.B[s])
+            out.index_add_(0, idx, (x.index_select(0, idx) @ self.A[s, :r].T) @ self.B[s, :r])
         return out
 
     def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
         rows = self.context.row_slots
         if rows is not None and x.dim() == 3 and x.shape[0] == rows.shape[0]:
             r = self.context.rank  # read only the ranks in use, not max_rank of zero padding
-            h = torch.bmm(x, self.A[:, :, :r].index_select(0, rows))  # [B, S, r]
+            h = torch.bmm(x, self.A[:, :r].index_select(0, rows).transpose(1, 2))  # [B, S, r]
             return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
         return self._flat(x, y, self._per_token)
 
     def _per_token(self, x: Tensor, y: Tensor) -> Tensor:
-        slots = self.context.slots
-        h = torch.bmm(x.unsqueeze(1), self.A.index_select(0, slots))  # [T, 1, r_max]
-        return y + torch.bmm(h, self.B.index_select(0, slots)).squeeze(1)  # [T, out]
+        slots, r = self.context.slots, self.context.rank
+        A = self.A[:, :r].index_select(0, slots).transpose(1, 2)  # [T, in, r]
+        h = torch.bmm(x.unsqueeze(1), A)  # [T, 1, r]
+        return y + torch.bmm(h, self.B[:, :r].index_select(0, slots)).squeeze(1)  # [T, out]
 
 
 class LoRASlotTable:
