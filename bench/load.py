@@ -110,11 +110,11 @@ def make_plan(quick: bool) -> Plan:
         batch=32,
         prompt_len=32,
         new_tokens=32,
-        duration=30.0,
+        duration=20.0,
         calibrate_requests=96,
         rates=(("saturate", 1.3), ("steady", 0.6)),
         cold_ranks=(8, 16, 64),
-        cold_per_rank=20,
+        cold_per_rank=15,
     )
 
 
