@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from bench import engine, load, peers
+from bench import engine, load, peers, summary
 
 
 def shared_args(argv: list[str]) -> list[str]:
@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     load_report = load.run_suite(load_args)
     load_paths = load.write(load_report, load_args.out)
     print(load.markdown(load_report, load_paths[2:]))
+    written = [*engine_paths, *peers_paths, *load_paths]
+    if "--quick" not in shared and "--out" not in shared:
+        written.append(summary.write())  # the README's numbers, from the JSON just written
     print(f"suite done in {time.monotonic() - t0:.0f} s; wrote:")
-    for path in [*engine_paths, *peers_paths, *load_paths]:
+    for path in written:
         print(" ", path)
 
 
