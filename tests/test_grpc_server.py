@@ -253,10 +253,26 @@ def test_health_is_not_serving_until_loaded_and_while_draining(model_dir, tmp_pa
 def make_cert(tmp_path: Path) -> tuple[Path, Path]:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, cert
 
@@ -264,9 +280,7 @@ def make_cert(tmp_path: Path) -> tuple[Path, Path]:
 def test_tls_round_trip(model_dir, tmp_path):
     key, cert = make_cert(tmp_path)
     (tmp_path / "ads").mkdir()
-    server = ServerThread(
-        serving_config(model_dir, tmp_path / "ads", tls_cert=cert, tls_key=key)
-    )
+    server = ServerThread(serving_config(model_dir, tmp_path / "ads", tls_cert=cert, tls_key=key))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         channel = grpc.secure_channel(f"localhost:{server.port}", creds)
@@ -274,7 +288,8 @@ def test_tls_round_trip(model_dir, tmp_path):
         assert reply.completion_tokens == 6
         plain = inference_pb2_grpc.LoraInferenceStub(grpc.insecure_channel(server.target))
         assert code_of(lambda: plain.Generate(gen(), timeout=3))[0] in (
-            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
         )
     finally:
         server.stop()
@@ -285,10 +300,31 @@ def test_sigterm_drains_running_requests_then_exits_zero(model_dir, adapters, tm
     d.mkdir()
     write_adapter(d / "a0.safetensors", adapters[0])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(model_dir), "--adapters", str(d),
-         "--port", "0", "--metrics-port", "-1", "--max-lora-rank", "8", "--max-seq-len", "256",
-         "--device", "cpu", "--drain-grace", "20"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            str(model_dir),
+            "--adapters",
+            str(d),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--max-lora-rank",
+            "8",
+            "--max-seq-len",
+            "256",
+            "--device",
+            "cpu",
+            "--drain-grace",
+            "20",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         port = None
