@@ -194,7 +194,11 @@ class ServerProcess:
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready(ready_timeout)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:  # a failed or interrupted start leaves no server behind
+            self.stop()
+            raise
         self.start_s = round(time.monotonic() - t0, 2)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -211,12 +215,12 @@ class ServerProcess:
                 except LoraServeError:
                     pass
                 if time.monotonic() > end:
-                    self.stop()
                     raise RuntimeError(f"server not ready in {timeout} s:\n{self.log_tail()}")
                 time.sleep(0.2)
 
     def log_tail(self, n: int = 3000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()[-n:]
 
     def metrics(self) -> dict[str, float]:
@@ -266,9 +270,10 @@ def server_args(setup: Setup, folder: Path, ckpt: Path, plan: Plan, device: str,
 @dataclass
 class RequestLog:
     adapter: str
-    sent: float  # perf_counter at send
+    sent: float  # perf_counter of its scheduled arrival (latencies count from here)
     chunks: list[tuple[float, int]]  # (arrival, tokens) per streamed chunk
     error: str | None = None
+    lag: float = 0.0  # how late the client actually sent it (an overloaded client shows here)
 
     @property
     def tokens(self) -> int:
@@ -306,12 +311,12 @@ async def drive(
 
     clients = [AsyncLoraClient(target, retries=0) for _ in range(channels)]
     ps = prompts(len(times), prompt_len, vocab)
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.05
+    start = time.perf_counter() + 0.05
 
     async def one(i: int) -> RequestLog:
-        await asyncio.sleep(max(0.0, start + times[i] - loop.time()))
-        rec = RequestLog(names[picks[i]], time.perf_counter(), [])
+        due = start + times[i]
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        rec = RequestLog(names[picks[i]], due, [], lag=time.perf_counter() - due)
         try:
             stream = clients[i % channels].stream(
                 ps[i], rec.adapter, max_new_tokens=new_tokens, temperature=0.0, timeout=timeout
@@ -356,7 +361,13 @@ def summarize_requests(logs: list[RequestLog], new_tokens: int) -> dict:
     last = max((r.chunks[-1][0] for r in ok if r.chunks), default=first)
     wall = max(last - first, 1e-9)
     tokens = sum(r.tokens for r in ok)
-    itl = [(b[0] - a[0]) / b[1] for r in ok for a, b in itertools.pairwise(r.chunks)]  # per token
+    # one sample per token: a chunk of n tokens after a gap g counts n times, as g / n
+    itl = [
+        (b[0] - a[0]) / b[1]
+        for r in ok
+        for a, b in itertools.pairwise(r.chunks)
+        for _ in range(b[1])
+    ]
     return {
         "requests": len(logs),
         "completed": len(ok),
@@ -369,6 +380,7 @@ def summarize_requests(logs: list[RequestLog], new_tokens: int) -> dict:
         "ttft_ms": percentiles([r.chunks[0][0] - r.sent for r in ok if r.chunks]),
         "itl_ms": percentiles(itl),
         "e2e_ms": percentiles([r.chunks[-1][0] - r.sent for r in ok if r.chunks]),
+        "send_lag_ms": percentiles([r.lag for r in logs]),
     }
 
 
@@ -422,7 +434,13 @@ def warm_up(server: ServerProcess, names: list[str], plan: Plan, vocab: int) -> 
 
 
 def cold_loads(
-    server: ServerProcess, folder: Path, ckpt: Path, ranks, per_rank: int, vocab: int
+    server: ServerProcess,
+    folder: Path,
+    ckpt: Path,
+    ranks,
+    per_rank: int,
+    vocab: int,
+    deadline: float = 60.0,
 ) -> tuple[dict, list[Path]]:
     """Rename -> first token, per rank; returns the times and the files (kept in ``folder``)."""
     from adapters.format import write_adapter
@@ -443,7 +461,7 @@ def cold_loads(
                 final = folder / f"{name}.safetensors"
                 t0 = time.perf_counter()
                 os.rename(hidden, final)
-                while True:
+                while time.perf_counter() - t0 < deadline:
                     chunks = client.stream(prompt, name, max_new_tokens=1, temperature=0.0)
                     try:
                         next(chunks)
@@ -452,6 +470,10 @@ def cold_loads(
                         time.sleep(0.005)
                     finally:
                         chunks.close()
+                else:
+                    raise RuntimeError(
+                        f"{name} not served {deadline} s after its rename:\n{server.log_tail()}"
+                    )
                 times.append(time.perf_counter() - t0)
                 files.append(final)
             results[str(rank)] = percentiles(times)

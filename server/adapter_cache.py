@@ -40,6 +40,7 @@ class HostCache:
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.on_evict: Callable[[str], None] | None = None  # called with the evicted version
         self._items: OrderedDict[str, Adapter] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -67,6 +68,8 @@ class HostCache:
                 self._bytes -= old.nbytes
                 if self.metrics is not None:
                     self.metrics.observe_eviction("host")
+                if self.on_evict is not None:
+                    self.on_evict(old.version)
 
     def __len__(self) -> int:
         with self._lock:
@@ -105,9 +108,10 @@ class AdapterCache:
         self._loader = ThreadPoolExecutor(load_threads, thread_name_prefix="loraserve-load")
         # disk loads one admission pass may ask for (None: no bound); see begin_admission
         self.prefetch = prefetch
-        self._wanted: set[str] = set()
+        self._wanted: dict[str, int] = {}  # version -> bytes, waited for in this pass
         self._loading: set[str] = set()  # versions with a load in flight
         self._read_for: set[str] = set()  # read from disk for a request, not placed yet
+        host.on_evict = self._forget
         self._failed: dict[str, str] = {}  # version -> why its load failed
         self._lock = threading.Lock()
         # device tier, engine thread only
@@ -144,30 +148,38 @@ class AdapterCache:
             return slot, entry.version
         adapter = self.host.get(entry.version)
         if adapter is None:
-            if self._over_prefetch(entry.version):
+            if self._over_prefetch(entry):
                 return None  # a later pass loads it, once requests before it are placed
-            self._wanted.add(entry.version)
+            self._wanted[entry.version] = entry.nbytes
             self._load_in_background(entry)
             return None
         slot = self._free_slot()
         if slot is None:
-            self._wanted.add(entry.version)  # in host memory, waiting for a slot
+            self._wanted[entry.version] = entry.nbytes  # in host memory, waiting for a slot
             return None  # all slots pinned by running sequences: wait for one to finish
+        try:
+            self._fill(slot, adapter)
+        except BaseException:  # never lose the slot (or leave half an adapter in it)
+            self.table.clear(slot)
+            self._free.append(slot)
+            raise
         with self._lock:
             from_disk = entry.version in self._read_for
             self._read_for.discard(entry.version)
         self._count("host", hit=not from_disk)
         self._count("device", hit=False)
-        self._fill(slot, adapter)
         self._pin(slot)
         return slot, entry.version
 
-    def _over_prefetch(self, version: str) -> bool:
-        return (
-            self.prefetch is not None
-            and version not in self._wanted
-            and len(self._wanted) >= self.prefetch
-        )
+    def _over_prefetch(self, entry: AdapterEntry) -> bool:
+        """Would reading ``entry`` now take the adapters this pass waits for past what host
+        memory holds at once (count, or half its bytes), or past ``prefetch``? The first one
+        waited for is always allowed, so the queue's head is never held back."""
+        if self.prefetch is None or entry.version in self._wanted or not self._wanted:
+            return False
+        if len(self._wanted) >= self.prefetch:
+            return True
+        return sum(self._wanted.values()) + entry.nbytes > self.host.max_bytes // 2
 
     def release(self, slot: int) -> None:
         self._refs[slot] -= 1
@@ -233,9 +245,9 @@ class AdapterCache:
     def _load(self, entry: AdapterEntry) -> None:
         try:
             adapter = self.registry.load(entry)
-            self.host.put(adapter)
-            with self._lock:
+            with self._lock:  # before it is visible: the engine may place it at once
                 self._read_for.add(adapter.version)
+            self.host.put(adapter)
         except (InvalidAdapter, OSError) as err:
             log.warning("loading adapter %s version %s failed: %s", entry.name, entry.version, err)
             with self._lock:
@@ -245,6 +257,11 @@ class AdapterCache:
             with self._lock:
                 self._loading.discard(entry.version)
             self.wake()
+
+    def _forget(self, version: str) -> None:
+        """Host memory dropped ``version``: a later placement of it is a disk read again."""
+        with self._lock:
+            self._read_for.discard(version)
 
     def _count(self, tier: str, hit: bool) -> None:
         if self.metrics is not None:

@@ -155,7 +155,7 @@ class Runtime:
             self.device,
             self.metrics,
             # read ahead from disk for as many waiting adapters as there are device slots
-            prefetch=max(2, min(config.max_active_adapters, config.max_cached_adapters // 2)),
+            prefetch=max(1, min(config.max_active_adapters, config.max_cached_adapters // 2)),
         )
         self.engine = Engine(
             model,

@@ -35,7 +35,9 @@ def test_request_summary_counts_errors_and_short_outputs():
     assert s["completed"] == 2 and s["errors"] == {"NOT_FOUND": 1} and s["short_outputs"] == 0
     assert s["wall_s"] == 1.0 and s["output_tok_s"] == 8.0
     assert s["ttft_ms"]["n"] == 2 and s["ttft_ms"]["p50"] == pytest.approx(450.0)
-    assert s["itl_ms"]["n"] == 3  # 0.2/1, 0.3/2 and 0.3/3 s per token
+    # per token: 0.2 s once, 0.15 s twice, 0.1 s three times
+    assert s["itl_ms"]["n"] == 6 and s["itl_ms"]["p50"] == pytest.approx(125.0)
+    assert s["e2e_ms"]["p99"] == pytest.approx(997.0)  # 0.7 and 1.0 s, interpolated
 
 
 def test_load_suite_end_to_end_on_a_tiny_model(tmp_path):

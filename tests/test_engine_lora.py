@@ -13,6 +13,7 @@ from adapters.format import write_adapter, write_peft
 from server.adapter_cache import HostCache
 from server.engine import FinishReason, GenerationRequest, TokenEvent
 from server.errors import AdapterNotFound, AdapterUnavailable
+from server.registry import AdapterEntry
 from server.runtime import Runtime
 from server.sampling import SamplingParams
 from tests.checkpoints import make_llama
@@ -354,3 +355,58 @@ def test_disk_reads_are_bounded_per_admission_pass(tmp_path, model_dir, adapters
     assert cache.acquire("task-2") is None  # budget left: now it is read
     wait_for(lambda: len(reads) == 3)
     cache.close()
+
+
+def test_disk_reads_also_stop_at_what_host_memory_holds(tmp_path, model_dir, adapters):
+    """When half of host memory cannot hold two of them, a pass waits for one read at a time:
+    two reads in flight would evict each other's result before either found a slot."""
+    runtime = Runtime(
+        serving_config(
+            model_dir, adapter_dir(tmp_path, adapters, 4), max_active_adapters=4,
+            max_cached_bytes=adapters[0].nbytes + adapters[1].nbytes,
+        )
+    )  # fmt: skip
+    cache = runtime.cache
+    gate, reads = threading.Event(), []
+    real_load = runtime.registry.load
+
+    def gated_load(entry):
+        reads.append(entry.name)
+        gate.wait(10)
+        return real_load(entry)
+
+    runtime.registry.load = gated_load
+    for a in adapters[:4]:  # register without reading into host memory
+        path = runtime.adapters_dir / f"{a.name}.safetensors"
+        entry = AdapterEntry(a.name, path, a.version, a.rank, a.nbytes)
+        runtime.registry._current[a.name] = entry
+    cache.begin_admission()
+    assert [cache.acquire(f"task-{i}") for i in range(4)] == [None] * 4
+    assert reads == ["task-0"]
+    gate.set()
+    cache.close()
+
+
+def test_a_failed_slot_fill_gives_the_slot_back(tmp_path, model_dir, adapters):
+    runtime = Runtime(
+        serving_config(model_dir, adapter_dir(tmp_path, adapters, 2), max_active_adapters=1)
+    )
+    runtime.registry.scan()
+    cache, table = runtime.cache, runtime.table
+    real_fill = table.fill
+    table.fill = lambda slot, weights: (_ for _ in ()).throw(RuntimeError("device out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.acquire("task-0")
+    table.fill = real_fill
+    slot, version = cache.acquire("task-1")  # the one slot is usable again
+    assert slot == 1 and cache.device_versions() == {version}
+    cache.close()
+
+
+def test_a_version_dropped_from_host_memory_is_a_disk_read_again(model_dir, adapters):
+    host = HostCache(max_adapters=1, max_bytes=1 << 40)
+    dropped = []
+    host.on_evict = dropped.append
+    host.put(adapters[0])
+    host.put(adapters[1])
+    assert dropped == [adapters[0].version]

@@ -242,34 +242,47 @@ def test_replace_with_batched_lora_shares_one_context():
 
 
 def test_the_table_reads_only_the_ranks_in_use_not_the_zero_padding():
-    """Slots are padded to ``max_rank``; a step computes with the largest rank it routes to."""
+    """Slots are padded to ``max_rank``; a step computes with the largest rank it routes to,
+    in every backend and path (one slot, per row, per token), also after a slot is refilled
+    with a smaller rank."""
     torch.manual_seed(3)
     linear = nn.Linear(16, 16)
     tables = {}
-    for backend in ("loop", "gather"):
+    for backend in BatchedLoRALinear.BACKENDS:
         model = nn.Sequential()
         model.add_module("q_proj", nn.Linear(16, 16))
         model.q_proj.load_state_dict(linear.state_dict())
-        tables[backend] = (
-            model,
-            replace_linear_with_batched_lora(
-                model, ["q_proj"], max_slots=3, max_rank=16, backend=backend
-            ),
+        table = replace_linear_with_batched_lora(
+            model, ["q_proj"], max_slots=3, max_rank=16, backend=backend
         )
-    adapters = make_adapters(2, 16, 16, [2, 5])
-    for _model, table in tables.values():
-        for slot, (A, B, s) in enumerate(adapters, start=1):
+        tables[backend] = (model, table)
+    adapters = make_adapters(3, 16, 16, [2, 5, 9])
+
+    def fill(slot, adapter):
+        A, B, s = adapter
+        for _model, table in tables.values():
             table.fill(slot, {"q_proj": (A, B, s)})
+
+    fill(1, adapters[0])
     ctx = tables["gather"][1].context
-    assert ctx.slot_rank == {1: 2, 2: 5}
     x = torch.randn(4, 3, 16)
-    for rows, rank in (([1, 1, 1, 1], 2), ([1, 0, 2, 1], 5), ([0, 2, 0, 0], 5)):
-        slots = torch.tensor(rows)[:, None].expand(-1, 3)
-        outs = []
-        for model, table in tables.values():
-            table.set_token_slots(slots)
-            outs.append(model(x))
-        assert ctx.rank == rank
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    routes = [
+        torch.tensor([1, 1, 1, 1])[:, None].expand(-1, 3),  # one slot
+        torch.tensor([1, 0, 2, 1])[:, None].expand(-1, 3),  # one slot per row
+        torch.tensor([[1, 2, 0], [0, 0, 2], [1, 1, 1], [2, 0, 1]]),  # per token
+    ]
+    smaller = (adapters[1][0][:, :3], adapters[1][1][:3], 2.0)
+    for second in (adapters[1], adapters[2], smaller):  # slot 2: rank 5, then 9, then 3
+        fill(2, second)
+        r2 = second[0].shape[1]
+        assert ctx.slot_rank == {1: 2, 2: r2}
+        for slots, rank in zip(routes, (2, r2, r2)):
+            outs = {}
+            for backend, (model, table) in tables.items():
+                table.set_token_slots(slots)
+                outs[backend] = model(x)
+            assert ctx.rank == rank
+            for backend in ("segment", "gather"):
+                torch.testing.assert_close(outs[backend], outs["loop"], rtol=1e-5, atol=1e-5)
     tables["gather"][1].clear(2)
     assert ctx.slot_rank == {1: 2}
