@@ -244,7 +244,8 @@ class LoRAContext:
         self.slots: Tensor | None = None  # [T] long, flattened [B, S] token order
         self.single: int | None = None
         self.row_slots: Tensor | None = None  # [B] long
-        self.segments: list[tuple[int, Tensor]] = []
+        self._ids: list[int] = []  # distinct slots of this forward
+        self._segments: list[tuple[int, Tensor]] | None = []
         self.active = False  # any token on a non-zero slot?
         self.rank = 0  # the largest adapter rank among this forward's slots
         self.slot_rank: dict[int, int] = {}  # filled slot -> its adapter's rank
@@ -253,7 +254,7 @@ class LoRAContext:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
         flat = slots.reshape(-1).long()
         self.slots = flat
-        self.single, self.row_slots, self.segments = None, None, []
+        self.single, self.row_slots, self._segments = None, None, []
         ids = torch.unique(flat).tolist() if flat.numel() else [0]
         self.active = ids != [0]
         if not self.active:
@@ -265,9 +266,17 @@ class LoRAContext:
             return
         if slots.dim() == 2 and bool((slots == slots[:, :1]).all()):
             self.row_slots = slots[:, 0].long()
-        self.segments = [
-            (slot, torch.nonzero(flat == slot).squeeze(1)) for slot in ids if slot != 0
-        ]
+        self._ids, self._segments = ids, None  # built on first use: only "segment" needs them
+
+    @property
+    def segments(self) -> list[tuple[int, Tensor]]:
+        """``(slot, token indices)`` per distinct non-zero slot of this forward."""
+        if self._segments is None:
+            flat = self.slots
+            self._segments = [
+                (slot, torch.nonzero(flat == slot).squeeze(1)) for slot in self._ids if slot != 0
+            ]
+        return self._segments
 
     def clear(self) -> None:
         self.set_slots(torch.zeros(0, dtype=torch.long))
