@@ -102,13 +102,17 @@ def bandwidth_job(job: dict) -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="hidden 512 only, 16 new tokens")
+    p.add_argument(
+        "--quick", action="store_true", help="hidden 512, the gather backend, 16 new tokens"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--cache-dir", type=Path, default=None, help="checkpoints and adapters")
     p.add_argument("--sizes", default=None, help="hidden sizes, e.g. 512,2048")
-    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument(
+        "--backends", default=None, help=f"default {','.join(BACKENDS)} (--quick: gather)"
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=None, help="default 32 (16 with --quick)")
@@ -123,7 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     default_sizes = "512" if args.quick else "512,2048"
     args.sizes = [int(s) for s in (args.sizes or default_sizes).split(",")]
-    args.backends = args.backends.split(",")
+    args.backends = (args.backends or ("gather" if args.quick else ",".join(BACKENDS))).split(",")
     args.new_tokens = args.new_tokens or (16 if args.quick else 32)
     args.cache_dir = args.cache_dir or ck.default_cache_dir()
     return args
