@@ -1,9 +1,9 @@
 """The benchmark suite: ``python -m bench [--quick] [--device cuda --dtype bfloat16] [--out DIR]``.
 
 Runs ``bench.engine``, ``bench.peers`` and ``bench.load`` with the same arguments and prints
-where the results went. On this project's 2-core CPU machine the full suite takes about 13
-minutes and ``--quick`` under 2 (hidden 512 only, fewer tokens, shorter load runs); see
-bench/README.md.
+where the results went. On this project's 2-core CPU machine the full suite takes about 12
+minutes (measured 11m50s) and ``--quick`` 1m45s (hidden 512 only, fewer tokens, shorter load
+runs); see bench/README.md.
 """
 
 from __future__ import annotations
