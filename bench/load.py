@@ -123,7 +123,7 @@ def make_plan(quick: bool) -> Plan:
 
 
 def adapter_pool(ckpt: Path, rank: int, n: int, cache_dir: Path) -> list[Path]:
-    """``n`` single-file adapters ``task-XXX.safetensors`` of ``rank`` for ``ckpt``, made once
+    """``n`` single-file adapters ``task-NNN.safetensors`` of ``rank`` for ``ckpt``, made once
     (adding to the pool when more are asked for); the same index always has the same weights."""
     folder = cache_dir / f"{ckpt.name}-adapters" / f"files-r{rank}"
     folder.mkdir(parents=True, exist_ok=True)

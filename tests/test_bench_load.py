@@ -12,8 +12,6 @@ import pytest
 from bench import load
 from tests.checkpoints import make_llama
 
-pytest.importorskip("matplotlib")
-
 
 def test_arrivals_are_poisson_and_zipf_and_reproducible():
     times, picks = load.arrivals(50, rate=200.0, duration=5.0, zipf=1.0, seed=3)
