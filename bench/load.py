@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -49,7 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench import checkpoints as ck
@@ -142,15 +143,23 @@ def adapter_pool(ckpt: Path, rank: int, n: int, cache_dir: Path) -> list[Path]:
 
 def _adapter_config(ckpt: Path, rank: int):
     from adapters.format import LoRAConfig
+
+    shapes, fingerprint = _base_facts(ckpt)
+    config = LoRAConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=ck.TARGETS, base_fingerprint=fingerprint
+    )
+    return config, shapes
+
+
+@functools.cache
+def _base_facts(ckpt: Path) -> tuple[dict[str, tuple[int, int]], str]:
+    """The adapted layers' shapes and the base fingerprint (the model is loaded once)."""
     from adapters.lora import linear_shapes
     from adapters.models import load_model
 
     loaded = load_model(ckpt)
     shapes = {n: s for n, s in linear_shapes(loaded.model).items() if n.endswith(ck.TARGETS)}
-    config = LoRAConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=ck.TARGETS, base_fingerprint=loaded.fingerprint
-    )
-    return config, shapes
+    return shapes, loaded.fingerprint
 
 
 def serving_folder(pool: list[Path], parent: Path) -> Path:
@@ -543,7 +552,7 @@ def run_suite(args: argparse.Namespace, plan: Plan | None = None, ckpt: Path | N
     t_start = time.monotonic()
     plan = plan or make_plan(args.quick)
     if args.duration:
-        plan = _replace(plan, duration=args.duration)
+        plan = replace(plan, duration=args.duration)
     ckpt = ckpt or ck.checkpoint(ck.SMALL, args.cache_dir)
     from adapters.tokenizer import Tokenizer
 
@@ -617,12 +626,6 @@ def run_suite(args: argparse.Namespace, plan: Plan | None = None, ckpt: Path | N
     report["summary"] = summarize(report)
     report["settings"]["suite_s"] = round(time.monotonic() - t_start, 1)
     return report
-
-
-def _replace(plan: Plan, **changes) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, **changes)
 
 
 def _print_run(setup: str, label: str, run: dict) -> None:

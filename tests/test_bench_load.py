@@ -67,7 +67,8 @@ def test_load_suite_end_to_end_on_a_tiny_model(tmp_path):
         assert server["engine_steps"] > 0 and 0 < server["mean_batch"] <= plan.batch
         assert 0 < run["ttft_ms"]["p50"] <= run["e2e_ms"]["p99"]
     many = report["runs"]["many"]["saturate"]["server"]
-    assert many["host_misses"] <= many["disk_loads"]  # each request read from disk was read
+    # 6 adapters, 3 in host memory: the tail is read from disk, and each read is a host miss
+    assert 0 < many["host_misses"] <= many["disk_loads"]
     assert report["runs"]["resident"]["saturate"]["server"]["disk_loads"] == 0
     cold = report["cold_load"]
     assert set(cold["rename_to_first_token_ms"]) == {"2", "8"}

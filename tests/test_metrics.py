@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -17,6 +16,7 @@ from protos.loraserve.v1 import inference_pb2 as pb
 from server.metrics import OTHER_LABEL, AdapterLabels
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
+from tests.replicas import free_port
 from tests.serving import random_adapter, serving_config, wait_for
 
 FAMILIES = [
@@ -81,12 +81,6 @@ def test_families_are_exported_and_adapter_labels_are_capped(served):
 def test_label_cap_is_first_come_first_served():
     labels = AdapterLabels(cap=2)
     assert [labels(n) for n in ["a", "b", "c", "a", ""]] == ["a", "b", OTHER_LABEL, "a", "__base__"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_real_prometheus_scrapes_the_request_count(served, tmp_path):
