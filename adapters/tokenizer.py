@@ -5,6 +5,10 @@ Contract:
   tokenizer.json file itself. `encode` adds the special tokens tokenizer.json's post-processor
   defines (e.g. Llama's BOS), as transformers does by default; `decode` skips special tokens.
   `eos_token_ids` = the ids given (the model config's) + tokenizer_config.json's eos_token.
+- `encode_checked(text)` is `encode` that refuses (`UnencodableText`, naming the characters)
+  text the vocabulary cannot represent, instead of silently dropping it or mapping it to the
+  unknown token. `max_token_chars` bounds the characters one token covers, so a caller can
+  refuse text that cannot fit a token budget before paying for tokenizing it.
 - `IncrementalDetokenizer(tokenizer, prompt_ids)`: `push(token_id)` returns the text the new
   token adds, `flush()` whatever is still held back. Deltas never end in half a UTF-8 character
   (a byte-level token may carry part of one): while the decoded tail ends with U+FFFD the text is
@@ -23,6 +27,15 @@ import tokenizers
 REPLACEMENT = "\ufffd"
 
 
+class UnencodableText(ValueError):
+    """Text holds characters the tokenizer's vocabulary cannot represent; ``chars`` lists them."""
+
+    def __init__(self, chars: list[str]):
+        shown = ", ".join(repr(c) for c in chars[:8]) + (" ..." if len(chars) > 8 else "")
+        super().__init__(f"characters the model's vocabulary cannot represent: {shown}")
+        self.chars = chars
+
+
 class Tokenizer:
     def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = ()):
         path = Path(path)
@@ -33,6 +46,13 @@ class Tokenizer:
         if eos_token is not None and self.tok.token_to_id(eos_token) is not None:
             eos.append(self.tok.token_to_id(eos_token))
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        unk = json.loads(self.tok.to_str()).get("model", {}).get("unk_token")
+        self.unk_token: str | None = unk if isinstance(unk, str) else None
+        self.unk_id = None if self.unk_token is None else self.tok.token_to_id(self.unk_token)
+        # Vocabulary strings are at least as long as the text they cover (byte-level BPE spells
+        # each byte as one char); x4 covers normalizers that compose characters (NFC, Hangul).
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.max_token_chars = 4 * max((len(t) for t in vocab), default=1)
 
     @property
     def vocab_size(self) -> int:
@@ -40,6 +60,22 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_checked(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``encode``, but raise ``UnencodableText`` for characters that would be lost: mapped
+        to the unknown token, or covered by no token at all (whitespace aside)."""
+        enc = self.tok.encode(text, add_special_tokens=add_special_tokens)
+        covered = bytearray(len(text))
+        lost: dict[str, None] = {}
+        for token_id, (begin, end) in zip(enc.ids, enc.offsets):
+            span = text[begin:end]
+            covered[begin:end] = b"\x01" * (end - begin)
+            if token_id == self.unk_id and span != self.unk_token:
+                lost.update(dict.fromkeys(span))
+        lost.update(dict.fromkeys(c for c, k in zip(text, covered) if not k and not c.isspace()))
+        if lost:
+            raise UnencodableText(list(lost))
+        return enc.ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

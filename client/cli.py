@@ -1,7 +1,7 @@
 """``loraserve``: the command-line client.
 
     loraserve [--target HOST:PORT] [--tls --ca FILE --cert FILE --key FILE] [--json]
-              [--timeout S] [--retries N] COMMAND ...
+              [--timeout S] [--retries N] [--wait-ready S] COMMAND ...
 
     loraserve generate ADAPTER PROMPT [--max-new-tokens N] [--temperature T] [--top-p P]
                                       [--top-k K] [--seed S] [--stop STR ...] [--request-id ID]
@@ -12,7 +12,8 @@
 ADAPTER ``base`` or ``-`` means the base model alone (no adapter); PROMPT ``-`` reads the
 prompt from stdin. The target defaults to $LORASERVE_TARGET, else localhost:50051. ``--ca``,
 ``--cert`` and ``--key`` imply ``--tls``. With ``--json`` every command prints one JSON object
-(``stream`` prints one per chunk, JSON lines).
+(``stream`` prints one per chunk, JSON lines). ``--wait-ready S`` first waits up to S seconds
+for the server to report SERVING (a server still loading its model answers UNAVAILABLE).
 
 Exit status: 0 on success, 1 when the server reports an error (printed as
 ``error: CODE: details``), 2 for usage errors; 130 when interrupted.
@@ -44,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))  # exits 2
     try:
         with client:
+            if args.wait_ready is not None:
+                client.wait_ready(args.wait_ready)
             args.run(client, args)
     except LoraServeError as exc:
         print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, metavar="S", help="deadline per call, seconds")
     parser.add_argument(
         "--retries", type=int, default=1, metavar="N", help="retries on UNAVAILABLE (default 1)"
+    )
+    parser.add_argument(
+        "--wait-ready",
+        type=float,
+        metavar="S",
+        help="first wait up to S seconds for the server to finish loading (health SERVING)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -20,6 +20,8 @@ Contract shared by both:
   client behind a balancer sees no error when one replica leaves. A stream is retried only if
   it failed before its first chunk: after that, text has been handed out and a retry would
   repeat it. No other code is retried; RESOURCE_EXHAUSTED is left to the caller.
+- Readiness. ``wait_ready(timeout)`` polls the standard health service until the server says
+  SERVING (its port opens seconds before the model is loaded), or raises ``UnavailableError``.
 - Streams. Closing the iterator early (``break`` out of the loop, ``close()`` / ``aclose()``,
   or dropping it) cancels the RPC, and the server frees the sequence at once.
 """
@@ -34,13 +36,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.errors import error_from_rpc, status_code_of
+from client.errors import UnavailableError, error_from_rpc, status_code_of
 from client.types import AdapterInfo, Completion, SamplingParams, ServerInfo, StreamChunk
 from protos.loraserve.v1 import inference_pb2 as pb
 from protos.loraserve.v1 import inference_pb2_grpc
 
 ADAPTER_METADATA_KEY = "x-lora-adapter"
+SERVICE_NAME = "loraserve.v1.LoraInference"
 
 Prompt = str | Sequence[int]
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -199,6 +203,31 @@ class LoraClient:
         """The server's base model, device, limits and current load."""
         response = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), (), timeout)
         return ServerInfo.from_pb(response)
+
+    def wait_ready(self, timeout: float = 60.0, interval: float = 0.2) -> None:
+        """Block until the server's health service says SERVING; ``UnavailableError`` after
+        ``timeout`` seconds (the last reason is in its details)."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            left = end - time.monotonic()
+            try:
+                reply = health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                    timeout=max(0.05, min(left, 5.0)),
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                last = f"{status_code_of(exc).name}"
+            if time.monotonic() + interval > end:
+                raise UnavailableError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"server not ready after {timeout:g}s (last health answer: {last})",
+                )
+            time.sleep(interval)
 
     def close(self) -> None:
         self._channel.close()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from server.app import LoraServer
+from server.resources import available_cpus, parse_bytes
 from server.runtime import ServerConfig
 
 DEFAULTS = ServerConfig()
@@ -86,6 +87,27 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=DEFAULTS.drain_grace,
         help="seconds running requests get to finish on SIGTERM",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the CPUs this process may use, cgroup quota "
+        f"included; here {available_cpus()})",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=parse_bytes,
+        default=None,
+        help="refuse to start when weights + KV cache + slot tables + host adapter cache "
+        "exceed this (e.g. 8GiB); the device's free memory is always checked",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also serve grpc.health.v1 in plaintext on this port, for probes that cannot "
+        "speak TLS (Kubernetes gRPC probes) when --tls-cert is set",
+    )
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -116,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         tls_key=a.tls_key,
         tls_client_ca=a.tls_client_ca,
         drain_grace=a.drain_grace,
+        threads=a.threads,
+        max_memory=a.max_memory,
+        health_port=a.health_port,
     )
 
 
@@ -138,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         asyncio.run(serve(config))
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # bad flags, a taken port, a plan that does not fit
         logging.getLogger("loraserve").error("%s", err)
         return 1
     return 0

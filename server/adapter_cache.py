@@ -11,6 +11,11 @@
   broken file never costs a working adapter its slot. When every slot is pinned the request
   waits in the queue: more adapters than slots are all served, taking turns.
 
+A failed load is remembered per version with a growing back-off (``RETRY_AFTER`` doubling up to
+``RETRY_MAX``): while it lasts, requests for that version fail at once with the reason instead of
+waiting; after it, the next request tries the disk again, so a transient failure (permissions
+fixed, a disk hiccup) heals without a restart and a permanent one costs one read per back-off.
+
 ``acquire`` / ``release`` / ``set_token_slots`` run on the engine thread only (slot writes must
 not race a forward); the host tier is shared with the loader and is locked.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +37,9 @@ from server.errors import AdapterUnavailable
 from server.registry import AdapterEntry, AdapterRegistry
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER = 1.0  # seconds before a failed load of a version is tried again; doubles
+RETRY_MAX = 30.0
 
 
 class HostCache:
@@ -112,7 +121,8 @@ class AdapterCache:
         self._loading: set[str] = set()  # versions with a load in flight
         self._read_for: set[str] = set()  # read from disk for a request, not placed yet
         host.on_evict = self._forget
-        self._failed: dict[str, str] = {}  # version -> why its load failed
+        # version -> (why its load failed, when to try again, the back-off that gave it)
+        self._failed: dict[str, tuple[str, float, float]] = {}
         self._lock = threading.Lock()
         # device tier, engine thread only
         n = table.num_slots
@@ -235,8 +245,9 @@ class AdapterCache:
 
     def _load_in_background(self, entry: AdapterEntry) -> None:
         with self._lock:
-            if entry.version in self._failed:
-                raise AdapterUnavailable(entry.name, self._failed[entry.version])
+            failed = self._failed.get(entry.version)
+            if failed is not None and time.monotonic() < failed[1]:
+                raise AdapterUnavailable(entry.name, failed[0])
             if entry.version in self._loading:
                 return
             self._loading.add(entry.version)
@@ -247,11 +258,25 @@ class AdapterCache:
             adapter = self.registry.load(entry)
             with self._lock:  # before it is visible: the engine may place it at once
                 self._read_for.add(adapter.version)
+                self._failed.pop(entry.version, None)
             self.host.put(adapter)
-        except (InvalidAdapter, OSError) as err:
-            log.warning("loading adapter %s version %s failed: %s", entry.name, entry.version, err)
+        except Exception as err:  # whatever it was, this version fails alone, and not forever
+            reason = (
+                str(err)
+                if isinstance(err, (InvalidAdapter, OSError))
+                else f"{type(err).__name__}: {err}"
+            )
             with self._lock:
-                self._failed[entry.version] = str(err)
+                previous = self._failed.get(entry.version)
+                backoff = RETRY_AFTER if previous is None else min(2 * previous[2], RETRY_MAX)
+                self._failed[entry.version] = (reason, time.monotonic() + backoff, backoff)
+            log.warning(
+                "loading adapter %s version %s failed (next try in %.0fs at the earliest): %s",
+                entry.name,
+                entry.version,
+                backoff,
+                reason,
+            )
             self.registry.refresh(entry.name)
         finally:
             with self._lock:

@@ -8,7 +8,9 @@ Life cycle, as a load balancer sees it through ``grpc.health.v1.Health``:
               period, then whatever is left is cancelled) ──► stopped
 
 ``LoraServer`` is what ``main`` and the tests use; binding port 0 picks a free port, and
-``start()`` returns the port actually bound.
+``start()`` returns the port actually bound. Every port (gRPC, metrics, the optional plaintext
+health port for probes beside TLS) is bound before the model loads, so a taken port fails at
+once with one line naming it. "ready" is logged when health turns SERVING.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.loraserve.v1 import inference_pb2, inference_pb2_grpc
+from protos.loraserve.v1 import inference_pb2
+from server.metrics import Metrics
 from server.runtime import Runtime, ServerConfig
-from server.servicer import LoraInferenceServicer
+from server.servicer import LoraInferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,19 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def _bind(server, host: str, port: int, flag: str, creds=None) -> int:
+    address = f"{host}:{port}"
+    try:
+        bound = (
+            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # grpc's "Failed to bind" carries no reason worth more than this
+        bound = 0
+    if not bound:
+        raise OSError(f"cannot listen on {flag} {port} ({host}): the port is taken or not allowed")
+    return bound
+
+
 class LoraServer:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -51,8 +67,11 @@ class LoraServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self.metrics = Metrics(config.max_adapter_labels)
         self._metrics_server = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
     async def start(self, load: bool = True) -> int:
@@ -65,21 +84,37 @@ class LoraServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        inference_pb2_grpc.add_LoraInferenceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        address = f"{self.config.host}:{self.config.port}"
         creds = server_credentials(self.config)
-        self.port = (
-            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        )
-        if not self.port:
-            raise OSError(f"could not bind {address}")
+        self.port = _bind(server, self.config.host, self.config.port, "--port", creds)
+        if self.config.health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = _bind(
+                self._health_server, self.config.host, self.config.health_port, "--health-port"
+            )
+        if self.config.metrics_port is not None:
+            try:
+                self._metrics_server, self.metrics_port = self.metrics.serve(
+                    self.config.metrics_port, self.config.host
+                )
+            except OSError as err:
+                raise OSError(
+                    f"cannot listen on --metrics-port {self.config.metrics_port} "
+                    f"({self.config.host}): {err.strerror or err}"
+                ) from None
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if self._health_server is not None:
+            await self._health_server.start()
+            log.info("plaintext health checks on %s:%d", self.config.host, self.health_port)
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         log.info(
             "loraserve listening on %s:%d (%s)",
             self.config.host,
@@ -91,19 +126,15 @@ class LoraServer:
         return self.port
 
     async def load(self) -> None:
-        runtime = await asyncio.to_thread(lambda: Runtime(self.config).start())
+        runtime = await asyncio.to_thread(lambda: Runtime(self.config, self.metrics).start())
         self.runtime = runtime
         self.servicer.runtime = runtime
-        if self.config.metrics_port is not None:
-            self._metrics_server, self.metrics_port = runtime.metrics.serve(
-                self.config.metrics_port, self.config.host
-            )
-            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         log.info(
             "adapters folder: %s (drop NAME.safetensors or a PEFT folder here)",
             runtime.adapters_dir,
         )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: serving on %s:%d", self.config.host, self.port)
 
     async def _set_health(self, status) -> None:
         await self.health.set("", status)
@@ -118,6 +149,8 @@ class LoraServer:
             await asyncio.to_thread(self.runtime.stop, grace)
         if self._server is not None:
             await self._server.stop(1.0)  # responses already finished; let them flush
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._stopped.set()

@@ -29,12 +29,18 @@ reserves a full row; ``max_seq_len`` is the knob.
 Batch invariance: each row's logits depend only on its own tokens (padding and stale cache
 entries are masked by position), and sampling uses the row's own generator, so a request's
 greedy output is the same alone or in any batch.
+
+Isolation: one request can only fail itself. A sequence clears the KV positions it wrote when it
+gives its row back, so a later sequence on that row cannot read what a broken adapter left there
+(a masked NaN still poisons attention); a row whose logits are not finite, or whose draw fails,
+finishes with an error while the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 import queue
 import threading
 import time
@@ -45,10 +51,11 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.tokenizer import IncrementalDetokenizer
-from server.errors import InvalidRequest, QueueFull, ServingError, ShuttingDown
+from server.errors import InvalidRequest, NonFiniteLogits, QueueFull, ServingError, ShuttingDown
 from server.sampling import (
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
+    MIN_TEMPERATURE,
     SamplingParams,
     make_generator,
     sample,
@@ -190,6 +197,7 @@ class _Sequence:
         self.generator = make_generator(self.params)
         self.prompt_len = len(self.request.prompt_ids)
         self.position = self.prompt_len  # where last_token's k/v go on the next decode
+        self.kv_written = 0  # KV positions [0, kv_written) of its row this sequence wrote
         self.last_token = self.request.prompt_ids[-1]
         self.generated: list[int] = []
         self.detok = detok
@@ -276,8 +284,11 @@ class Engine:
                 "params.max_new_tokens",
                 f"must be in [1, {cfg.max_seq_len}], got {p.max_new_tokens}",
             )
-        if not p.temperature >= 0:  # also refuses NaN
-            raise InvalidRequest("params.temperature", f"must be >= 0, got {p.temperature}")
+        if not (p.temperature == 0 or MIN_TEMPERATURE <= p.temperature < math.inf):
+            raise InvalidRequest(  # also refuses NaN
+                "params.temperature",
+                f"must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE}, got {p.temperature}",
+            )
         if not 0 < p.top_p <= 1:
             raise InvalidRequest("params.top_p", f"must be in (0, 1], got {p.top_p}")
         if p.top_k < 0:
@@ -455,7 +466,21 @@ class Engine:
             return
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
-            self._accept_token(seq, token, now)
+            if isinstance(token, ServingError):
+                self._fail_row(seq, token)
+            else:
+                self._accept_token(seq, token, now)
+
+    def _fail_row(self, seq: _Sequence, error: ServingError) -> None:
+        """One row of a batch failed (non-finite logits, a failed draw): it finishes alone."""
+        adapter = seq.request.adapter or "(base model)"
+        if isinstance(error, NonFiniteLogits):
+            error = NonFiniteLogits(
+                f" (adapter {adapter}, version {seq.version or '-'}, "
+                f"after {len(seq.generated)} generated tokens)"
+            )
+        log.warning("request %r on adapter %s failed: %s", seq.request.request_id, adapter, error)
+        self._finish(seq, FinishReason.ERROR, error=error)
 
     def _forward(self, seqs: list[_Sequence], prefill: bool) -> torch.Tensor:
         """Build the batch tensors and run the model; returns next-token logits ``[B, V]``."""
@@ -469,10 +494,14 @@ class Engine:
             # row's later decode steps overwrite before ever attending to them
             positions = torch.arange(width).expand(len(seqs), width)
             last = torch.tensor(lengths) - 1
+            for s in seqs:
+                s.kv_written = width  # pads write k/v too
         else:
             ids = torch.tensor([[s.last_token] for s in seqs])
             positions = torch.tensor([[s.position] for s in seqs])
             last = torch.zeros(len(seqs), dtype=torch.long)
+            for s in seqs:
+                s.kv_written = max(s.kv_written, s.position + 1)
         slots = torch.tensor([s.slot for s in seqs])[:, None].expand_as(ids)
         row_ids = [s.row for s in seqs]
         rows = None if row_ids == list(range(len(seqs))) else torch.tensor(row_ids)
@@ -545,6 +574,8 @@ class Engine:
             self._emit(seq, len(seq.text))
         with self._lock:
             self._running.remove(seq)
+        if self.kv_cache is not None:  # the next owner of the row must find nothing of ours
+            self.kv_cache.clear_row(seq.row, seq.kv_written)
         self._free_rows.append(seq.row)
         if seq.slot:
             self.adapters.release(seq.slot)

@@ -35,6 +35,16 @@ class InvalidRequest(ServingError):
         self.field = field
 
 
+class NonFiniteLogits(ServingError):
+    """The model produced NaN or infinite logits for one sequence (in practice: a broken adapter
+    slipped past the file checks). That sequence is stopped; the rest of its batch goes on."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__(
+            "the model produced non-finite logits for this request; it was stopped" + detail
+        )
+
+
 class QueueFull(ServingError):
     pass
 
@@ -48,6 +58,7 @@ __all__ = [
     "AdapterUnavailable",
     "InvalidAdapter",
     "InvalidRequest",
+    "NonFiniteLogits",
     "QueueFull",
     "ServingError",
     "ShuttingDown",

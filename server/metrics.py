@@ -5,8 +5,15 @@ a property of current state (running/waiting requests, KV usage, adapters per ti
 scrape time from callbacks, so they are never stale.
 
 Cardinality: the ``adapter`` label takes at most ``max_adapter_labels`` distinct names, given
-out first come, first served; every later adapter is reported as ``__other__``. The base model
-is ``__base__``. Thousands of adapters cannot blow up the series count.
+out first come, first served, and only to names the adapters folder holds (deployed, or refused
+with a reason); every later adapter is reported as ``__other__``, and a name the folder does not
+hold (a typo, a probe) as ``__unknown__``, so clients cannot spend the label slots. The base
+model is ``__base__``. Thousands of adapters cannot blow up the series count.
+
+Besides the serving series: the process collector (RSS, CPU seconds, open fds, start time), the
+platform collector, and ``loraserve_build_info`` (version, model, device, dtype). The
+``_created`` series prometheus_client adds to every counter are switched off: they double the
+series count and no dashboard reads them.
 """
 
 from __future__ import annotations
@@ -14,10 +21,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "__other__"
+UNKNOWN_LABEL = "__unknown__"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
@@ -27,14 +45,17 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class AdapterLabels:
     """Maps adapter names to a bounded set of label values."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, known: Callable[[str], bool] = lambda name: True):
         self.cap = cap
+        self.known = known  # may this name own a label? (the adapters folder holds it)
         self._given: set[str] = set()
         self._lock = threading.Lock()
 
     def __call__(self, name: str) -> str:
         if not name:
             return BASE_LABEL
+        if not self.known(name):
+            return UNKNOWN_LABEL
         with self._lock:
             if name in self._given:
                 return name
@@ -46,13 +67,25 @@ class AdapterLabels:
 
 class Metrics:
     def __init__(self, max_adapter_labels: int = 100):
+        prometheus_client.disable_created_metrics()  # process-wide; no _created series
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.label = AdapterLabels(max_adapter_labels)
         ns = "loraserve"
+        self.build = Info("build", "What this server runs.", namespace=ns, registry=r)
         self.requests = Counter(
             "requests",
-            "Finished gRPC requests by adapter and status code.",
-            ["adapter", "code"],
+            "Finished gRPC requests by adapter, method (unary Generate or streaming "
+            "GenerateStream, ...) and status code.",
+            ["adapter", "method", "code"],
+            namespace=ns,
+            registry=r,
+        )
+        self.finished = Counter(
+            "requests_finished",
+            "Sequences finished by adapter and finish reason (stop, length, cancelled, error).",
+            ["adapter", "finish_reason"],
             namespace=ns,
             registry=r,
         )
@@ -148,6 +181,12 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.invalid_now = Gauge(
+            "adapters_invalid",
+            "Adapters whose newest file is refused right now (0 again once fixed or removed).",
+            namespace=ns,
+            registry=r,
+        )
         self.cache_hits = Counter(
             "adapter_cache_hits", "Adapter cache hits per tier.", ["tier"], namespace=ns, registry=r
         )
@@ -178,6 +217,7 @@ class Metrics:
         self,
         engine_stats: Callable[[], dict[str, int]],
         residency: Callable[[], dict[str, int]],
+        invalid: Callable[[], int] = lambda: 0,
     ) -> None:
         def stat(key: str) -> Callable[[], float]:
             return lambda: engine_stats()[key]
@@ -190,6 +230,10 @@ class Metrics:
         )
         for tier in ("disk", "host", "device"):
             self.resident.labels(tier).set_function(lambda t=tier: residency().get(t, 0))
+        self.invalid_now.set_function(invalid)
+
+    def set_build_info(self, **info: str) -> None:
+        self.build.info({k: str(v) for k, v in info.items()})
 
     # -------------------------------------------------------------- engine
 
@@ -210,6 +254,7 @@ class Metrics:
         label = self.label(adapter)
         self.prompt_tokens.labels(label).inc(event.prompt_tokens)
         self.generated_tokens.labels(label).inc(event.completion_tokens)
+        self.finished.labels(label, event.reason.value).inc()
 
     # -------------------------------------------------------------- adapters
 
@@ -228,9 +273,9 @@ class Metrics:
 
     # -------------------------------------------------------------- requests (servicer)
 
-    def observe_request(self, adapter: str, code: str, seconds: float) -> None:
+    def observe_request(self, adapter: str, method: str, code: str, seconds: float) -> None:
         label = self.label(adapter)
-        self.requests.labels(label, code).inc()
+        self.requests.labels(label, method, code).inc()
         self.request_duration.labels(label).observe(seconds)
 
     def serve(self, port: int, host: str = "0.0.0.0"):

@@ -8,7 +8,14 @@ writer that writes a temp name and renames is never seen half-way.
 
 - valid (parses, sizes match, fits the base model) -> it becomes the current version (its
   content hash); the adapter just read is handed to ``on_loaded`` so the cache starts warm;
-- invalid -> the reason is recorded and logged, and a working current version stays current;
+- invalid -> the reason is recorded and logged, and a working current version stays current.
+  *Every* failure to read an entry lands here, whatever raised it (a reader bug included): the
+  adapter is listed with its reason, counted, and its requests get FAILED_PRECONDITION; nothing
+  about one file can stop start-up or the watcher. A failure to read the file at all (an
+  ``OSError``: permissions, a disk error) is transient: ``transient_errors`` names those
+  adapters so the watcher retries them;
+- a symbolic link, for the entry or inside a PEFT folder, is refused with that reason: every
+  path the server reads stays inside the adapters folder;
 - gone -> the adapter is retired: new requests get ``AdapterNotFound``. Requests already running
   hold their own device slot and finish on the weights they started with.
 
@@ -18,13 +25,14 @@ Thread-safe: the watcher refreshes from its thread, the engine resolves from its
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.format import NAME_RE, Adapter, InvalidAdapter, read_adapter
+from adapters.format import MAX_ADAPTER_BYTES, NAME_RE, Adapter, InvalidAdapter, read_adapter
 from server.errors import AdapterNotFound, AdapterUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,8 +52,9 @@ class AdapterEntry:
 
 def adapter_name_for(directory: Path, path: Path) -> str | None:
     """The adapter a path inside ``directory`` belongs to, or None if it is not an adapter's."""
+    # absolute, not resolved: a symlink in the folder is named after itself (and refused)
     try:
-        rel = path.resolve().relative_to(directory.resolve())
+        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(directory))
     except ValueError:
         return None
     if not rel.parts:
@@ -73,14 +82,17 @@ class AdapterRegistry:
         check: Callable[[Adapter], None],
         on_loaded: Callable[[Adapter], None] | None = None,
         metrics=None,
+        max_bytes: int = MAX_ADAPTER_BYTES,
     ):
         self.directory = Path(directory)
+        self.max_bytes = max_bytes  # larger files are refused before they are read
         self.check = check  # raises InvalidAdapter when an adapter does not fit the base model
         self.on_loaded = on_loaded
         self.metrics = metrics
         self._lock = threading.Lock()
         self._current: dict[str, AdapterEntry] = {}
         self._errors: dict[str, str] = {}  # name -> why its newest file was refused
+        self._transient: set[str] = set()  # names whose error was a failure to read at all
 
     # ------------------------------------------------------------ reading the folder
 
@@ -95,6 +107,19 @@ class AdapterRegistry:
     def path_for(self, name: str) -> Path | None:
         single = self.directory / f"{name}{SINGLE_FILE_SUFFIX}"
         folder = self.directory / name
+        for path in (single, folder):
+            if path.is_symlink():
+                raise InvalidAdapter(
+                    f"{path.name} is a symbolic link; links are not followed (an adapter must "
+                    "live inside the adapters folder: copy or move it there)"
+                )
+        if folder.is_dir():
+            inside = [p.name for p in folder.iterdir() if p.is_symlink()]
+            if inside:
+                raise InvalidAdapter(
+                    f"{folder.name}/{inside[0]} is a symbolic link; links are not followed "
+                    "(every file of an adapter must live inside the adapters folder)"
+                )
         if single.is_file() and folder.is_dir():
             raise InvalidAdapter(f"both {single.name} and {folder.name}/ exist; keep one")
         if single.is_file():
@@ -115,7 +140,11 @@ class AdapterRegistry:
             self._refuse(name, str(err))
             return self.current(name)
         except OSError as err:  # vanished or unreadable between listing and reading
-            self._refuse(name, f"cannot read: {err}")
+            self._refuse(name, f"cannot read: {err}", transient=True)
+            return self.current(name)
+        except Exception as err:  # a reader bug: this file fails, never the server
+            log.exception("reading adapter %s failed unexpectedly", name)
+            self._refuse(name, f"could not be read ({type(err).__name__}: {err})")
             return self.current(name)
         return self._publish(name, path, adapter)
 
@@ -123,9 +152,9 @@ class AdapterRegistry:
         """Read and validate; records load metrics. Raises ``InvalidAdapter``."""
         t0 = time.perf_counter()
         try:
-            adapter = read_adapter(path, name)
+            adapter = read_adapter(path, name, max_bytes=self.max_bytes)
             self.check(adapter)
-        except (InvalidAdapter, OSError):
+        except Exception:
             if self.metrics is not None:
                 self.metrics.observe_load("invalid", time.perf_counter() - t0)
             raise
@@ -139,6 +168,7 @@ class AdapterRegistry:
             old = self._current.get(name)
             self._current[name] = entry
             self._errors.pop(name, None)
+            self._transient.discard(name)
         if old is None or old.version != entry.version:
             verb = "deployed" if old is None else f"upgraded from {old.version} to"
             log.info("adapter %s %s version %s (rank %d)", name, verb, entry.version, entry.rank)
@@ -146,10 +176,14 @@ class AdapterRegistry:
                 self.on_loaded(adapter)
         return entry
 
-    def _refuse(self, name: str, reason: str) -> None:
+    def _refuse(self, name: str, reason: str, transient: bool = False) -> None:
         with self._lock:
             seen = self._errors.get(name) == reason
             self._errors[name] = reason
+            if transient:
+                self._transient.add(name)
+            else:
+                self._transient.discard(name)
             kept = self._current.get(name)
         if not seen:
             keeping = f"; still serving version {kept.version}" if kept else ""
@@ -161,6 +195,7 @@ class AdapterRegistry:
         with self._lock:
             old = self._current.pop(name, None)
             self._errors.pop(name, None)
+            self._transient.discard(name)
         if old is not None:
             log.info("adapter %s retired (version %s)", name, old.version)
 
@@ -179,6 +214,16 @@ class AdapterRegistry:
         if error is not None:
             raise AdapterUnavailable(name, error)
         raise AdapterNotFound(name)
+
+    def knows(self, name: str) -> bool:
+        """Does the folder hold ``name`` (deployed, or refused with a reason)?"""
+        with self._lock:
+            return name in self._current or name in self._errors
+
+    def transient_errors(self) -> list[str]:
+        """Adapters refused because their file could not be read at all: worth retrying."""
+        with self._lock:
+            return sorted(self._transient)
 
     def entries(self) -> list[AdapterEntry]:
         with self._lock:

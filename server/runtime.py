@@ -8,6 +8,10 @@
 
 ``Runtime`` owns the parts and their order of start and stop. The gRPC layer (``server.app``)
 and tests use it the same way: ``Runtime(config).start()`` ... ``stop(grace)``.
+
+Before it allocates the KV cache and slot tables it sets torch's CPU threads and checks the
+memory plan (``server.resources``): a server that cannot fit says so at start-up, naming the
+knobs, instead of being killed later.
 """
 
 from __future__ import annotations
@@ -21,15 +25,23 @@ import torch
 
 from adapters.demo_paths import demo_adapters_dir, demo_base_dir
 from adapters.format import Adapter, validate_adapter
-from adapters.lora import linear_shapes, replace_linear_with_batched_lora
+from adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from adapters.models import KVCache, load_model
 from server.adapter_cache import AdapterCache, HostCache
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
+from server.resources import (
+    available_cpus,
+    available_memory,
+    max_adapter_bytes,
+    plan_memory,
+)
 from server.watcher import AdapterWatcher
 
 log = logging.getLogger(__name__)
+
+SERVER_VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     drain_grace: float = 30.0
+    threads: int | None = None  # torch CPU threads; None: the CPUs this process may use
+    max_memory: int | None = None  # bytes the memory plan may take; None: the device's free
+    health_port: int | None = None  # plaintext gRPC health-only port (probes next to TLS)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -114,9 +129,17 @@ def on_exiting_thread(fn):
 
 
 class Runtime:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.threads = config.threads or available_cpus()
+        torch.set_num_threads(self.threads)  # inherited by the threads started from here
+        log.info(
+            "torch CPU threads: %d (%s)",
+            self.threads,
+            "--threads" if config.threads else "CPUs available to this process",
+        )
+        self.metrics = metrics or Metrics(config.max_adapter_labels)
         on_exiting_thread(lambda: self._build(config))
 
     def _build(self, config: ServerConfig) -> None:
@@ -131,6 +154,21 @@ class Runtime:
         self.tokenizer = self.loaded.tokenizer
         model = self.loaded.model
         self.base_shapes = linear_shapes(model)
+        targeted = target_names(model, config.lora_targets)
+        self.memory_plan = plan_memory(
+            model,
+            self.loaded.config,
+            {n: self.base_shapes[n] for n in targeted},
+            max_batch_size=config.max_batch_size,
+            max_seq_len=config.max_seq_len,
+            slots=config.max_active_adapters,
+            max_rank=config.max_lora_rank,
+            host_cache_bytes=config.max_cached_bytes,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        log.info("%s", self.memory_plan.describe())
+        self.memory_plan.check(config.max_memory, available_memory(self.device))
         self.table = replace_linear_with_batched_lora(
             model,
             config.lora_targets,
@@ -142,12 +180,16 @@ class Runtime:
         self.kv_cache = KVCache(
             self.loaded.config, config.max_batch_size, config.max_seq_len, self.device, self.dtype
         )
-        self.metrics = Metrics(config.max_adapter_labels)
         self.adapters_dir = Path(config.adapters_dir or demo_adapters_dir())
         self.host = HostCache(config.max_cached_adapters, config.max_cached_bytes, self.metrics)
         self.registry = AdapterRegistry(
-            self.adapters_dir, self.check_adapter, self.host.put, self.metrics
+            self.adapters_dir,
+            self.check_adapter,
+            self.host.put,
+            self.metrics,
+            max_bytes=max_adapter_bytes(self.lora_shapes, config.max_lora_rank),
         )
+        self.metrics.label.known = self.registry.knows
         self.cache = AdapterCache(
             self.registry,
             self.table,
@@ -167,7 +209,18 @@ class Runtime:
             self.device,
         )
         self.cache.wake = self.engine.wake
-        self.metrics.bind_state(self.engine.stats, self.residency)
+        self.metrics.bind_state(
+            self.engine.stats, self.residency, lambda: len(self.registry.errors())
+        )
+        self.metrics.set_build_info(
+            version=SERVER_VERSION,
+            model=config.model,
+            architecture=self.loaded.config.arch,
+            base_fingerprint=self.loaded.fingerprint,
+            device=self.device,
+            dtype=str(self.dtype).removeprefix("torch."),
+            threads=self.threads,
+        )
         self.watcher = AdapterWatcher(
             self.registry, config.watch_debounce, config.watch_poll_interval
         )

@@ -4,6 +4,11 @@ Semantics per row (the order matters and matches vLLM/HF): temperature 0 means g
 otherwise divide by temperature, keep the top-k logits (k > 0), keep the smallest set of tokens
 whose probability mass reaches top-p, and draw from what is left with the row's own generator,
 so a request with a seed gives the same tokens whatever else shares its batch.
+
+Isolation: a row fails alone. A row whose logits are not all finite (a broken adapter) or whose
+draw fails gets a ``ServingError`` in place of its token; every other row is sampled as usual.
+Temperatures in (0, ``MIN_TEMPERATURE``) or infinite are refused when the request is validated:
+``logits / 1e-45`` is infinite and cannot be sampled from.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from server.errors import NonFiniteLogits, ServingError
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MIN_TEMPERATURE = 1e-5  # below it, logits / temperature may overflow; 0 is greedy
 
 
 @dataclass(frozen=True)
@@ -45,15 +53,27 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample(
     logits: Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
-) -> list[int]:
-    """``logits: [B, V]`` float32 -> one token id per row."""
-    if all(p.greedy for p in params):
-        return logits.argmax(dim=-1).tolist()
-    logits = logits.float().cpu()
-    return [
-        int(row.argmax()) if p.greedy else _sample_row(row, p, g)
-        for row, p, g in zip(logits, params, gens)
-    ]
+) -> list[int | ServingError]:
+    """``logits: [B, V]`` -> one token id per row, or the error that fails that row alone."""
+    logits = logits.float()
+    # one read-back for the argmax and the finiteness of every row
+    greedy, finite = torch.stack(
+        [logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()]
+    ).tolist()
+    if not all(p.greedy for p in params):
+        logits = logits.cpu()
+    out: list[int | ServingError] = []
+    for i, (p, g) in enumerate(zip(params, gens)):
+        if not finite[i]:
+            out.append(NonFiniteLogits())
+        elif p.greedy:
+            out.append(greedy[i])
+        else:
+            try:
+                out.append(_sample_row(logits[i], p, g))
+            except RuntimeError as err:  # e.g. probabilities multinomial refuses
+                out.append(ServingError(f"sampling failed: {err}"))
+    return out
 
 
 def _sample_row(logits: Tensor, p: SamplingParams, g: torch.Generator) -> int:

@@ -4,6 +4,12 @@ Nothing else happens here: requests become ``GenerationRequest``s, engine events
 responses, and ``status_for`` is the one place that decides which status code an error gets.
 An unexpected exception fails its own request with INTERNAL (and a log line); the server runs on.
 
+Hostile input is refused before it costs anything: a request that does not parse gets
+INVALID_ARGUMENT (one log line, no traceback); text is bounded by what could fit
+``max_seq_len`` tokens before it is tokenized, and tokenized off the event loop, so one huge
+prompt cannot stall every other client; characters the vocabulary cannot represent are refused by
+name instead of being silently dropped.
+
 Cancellation: when a client cancels or its deadline passes, grpc.aio cancels the handler task;
 the handler cancels the engine request, which frees the sequence's KV row at the next step. The
 deadline is also handed to the engine, so a request queued past its deadline never starts.
@@ -16,8 +22,10 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from adapters.format import NAME_RE, InvalidAdapter
+from adapters.tokenizer import UnencodableText
 from protos.loraserve.v1 import inference_pb2 as pb
 from protos.loraserve.v1 import inference_pb2_grpc
 from server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
@@ -25,24 +33,25 @@ from server.errors import (
     AdapterNotFound,
     AdapterUnavailable,
     InvalidRequest,
+    NonFiniteLogits,
     QueueFull,
     ServingError,
     ShuttingDown,
 )
-from server.runtime import Runtime
+from server.runtime import SERVER_VERSION, Runtime
 from server.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 64
-MAX_PROMPT_CHARS = 1 << 20
-SERVER_VERSION = "0.1.0"
+MAX_REQUEST_ID_CHARS = 256
 
 _STATUS = [
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidAdapter, grpc.StatusCode.FAILED_PRECONDITION),
+    (NonFiniteLogits, grpc.StatusCode.FAILED_PRECONDITION),  # a broken adapter, not our bug
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
 ]
@@ -79,17 +88,26 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     # ------------------------------------------------------------------ conversions
 
-    def request_from_pb(self, req: pb.GenerateRequest, context) -> GenerationRequest:
+    async def request_from_pb(self, req: pb.GenerateRequest, context) -> GenerationRequest:
+        """Check the cheap things first (names, sizes), then tokenize off the event loop."""
         if req.adapter and not NAME_RE.fullmatch(req.adapter):
             raise InvalidRequest(
                 "adapter", f"{req.adapter[:64]!r} is not a valid name ([A-Za-z0-9][A-Za-z0-9._-]*)"
             )
+        if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(
+                "request_id", f"{len(req.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+            )
         if req.prompt and req.prompt_token_ids:
             raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
-        if len(req.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequest("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        max_seq_len = self.runtime.config.max_seq_len
+        if len(req.prompt_token_ids) >= max_seq_len:
+            raise InvalidRequest(
+                "prompt_token_ids",
+                f"{len(req.prompt_token_ids)} tokens does not fit max_seq_len {max_seq_len}",
+            )
         if req.prompt:
-            ids = tuple(self.runtime.tokenizer.encode(req.prompt))
+            ids = tuple(await self.tokenize(req.prompt))
         else:
             ids = tuple(req.prompt_token_ids)
         remaining = context.time_remaining()
@@ -97,6 +115,20 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         return GenerationRequest(
             ids, sampling_from_pb(req.params), req.adapter, req.request_id, deadline
         )
+
+    async def tokenize(self, text: str) -> list[int]:
+        tokenizer, max_seq_len = self.runtime.tokenizer, self.runtime.config.max_seq_len
+        limit = max_seq_len * tokenizer.max_token_chars
+        if len(text) > limit:  # no tokenization of this text can fit: refuse it unread
+            raise InvalidRequest(
+                "prompt",
+                f"{len(text)} characters cannot fit max_seq_len {max_seq_len} tokens "
+                f"(at most {limit} characters)",
+            )
+        try:
+            return await asyncio.to_thread(tokenizer.encode_checked, text)
+        except UnencodableText as err:
+            raise InvalidRequest("prompt", str(err)) from None
 
     def _engine(self):
         if self.runtime is None:
@@ -111,7 +143,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         handle = engine.submit(
-            self.request_from_pb(request, context),
+            await self.request_from_pb(request, context),
             on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
         )
         finished = False
@@ -146,7 +178,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             code = status_for(err)
             await self._abort(context, err, code)
         finally:
-            self._record(request.adapter, code, t0)
+            self._record("Generate", request, code, t0)
 
     async def GenerateStream(self, request, context):
         t0, code = time.monotonic(), grpc.StatusCode.OK
@@ -163,7 +195,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             code = status_for(err)
             await self._abort(context, err, code)
         finally:
-            self._record(request.adapter, code, t0)
+            self._record("GenerateStream", request, code, t0)
 
     def _finish_fields(self, request: pb.GenerateRequest, event: FinishEvent) -> dict:
         return dict(
@@ -183,9 +215,19 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             details = str(err)
         await context.abort(code, details)  # raises
 
-    def _record(self, adapter: str, code: grpc.StatusCode, t0: float) -> None:
+    def _record(self, method: str, request, code: grpc.StatusCode, t0: float) -> None:
+        seconds = time.monotonic() - t0
+        # the id is the caller's (the proto promises it is logged); %r keeps it on one line
+        log.info(
+            "%s request_id=%r adapter=%r: %s in %.3fs",
+            method,
+            request.request_id[:MAX_REQUEST_ID_CHARS],
+            request.adapter[:128],
+            code.name,
+            seconds,
+        )
         if self.runtime is not None:
-            self.runtime.metrics.observe_request(adapter, code.name, time.monotonic() - t0)
+            self.runtime.metrics.observe_request(request.adapter, method, code.name, seconds)
 
     async def ListAdapters(self, request, context):
         runtime = self.runtime
@@ -240,4 +282,75 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         )
 
 
-__all__ = ["LoraInferenceServicer", "ServingError", "status_for"]
+# ---------------------------------------------------------------------- registration
+
+
+class Malformed:
+    """A request whose bytes do not parse as its message type (the handler refuses it)."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.message = f"the request is not a valid {type_name} message ({error})"
+
+
+def _lenient(message_cls):
+    """A deserializer that hands bad bytes to the handler instead of raising: grpc answers a
+    raising deserializer with UNKNOWN and logs a traceback for every such request."""
+
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as err:
+            return Malformed(message_cls.DESCRIPTOR.full_name, err)
+
+    return parse
+
+
+async def _refuse_malformed(request: Malformed, context) -> None:
+    log.warning("refused a request that does not parse: %s", request.message)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def _guarded(fn, streaming: bool):
+    if streaming:
+
+        async def stream_handler(request, context):
+            if isinstance(request, Malformed):
+                await _refuse_malformed(request, context)
+            async for response in fn(request, context):
+                yield response
+
+        return stream_handler
+
+    async def unary_handler(request, context):
+        if isinstance(request, Malformed):
+            await _refuse_malformed(request, context)
+        return await fn(request, context)
+
+    return unary_handler
+
+
+def add_to_server(servicer: LoraInferenceServicer, server) -> None:
+    """Register ``servicer`` on ``server``, as the generated ``add_LoraInferenceServicer_to_server``
+    does, but with every request parsed leniently so that bad bytes get INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["LoraInference"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _guarded(getattr(servicer, method.name), method.server_streaming),
+            request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+__all__ = ["LoraInferenceServicer", "ServingError", "add_to_server", "status_for"]

@@ -4,8 +4,13 @@ Two sources of change, one path into the registry (``AdapterRegistry.refresh``):
 
 - ``watchdog`` file-system events (inotify on Linux), for speed;
 - a polling rescan every ``poll_interval`` seconds that compares each entry's stat signature
-  (size, mtime, inode of the file or of every file in a PEFT folder), for file systems that do
-  not deliver events (NFS, some container volumes) and as a safety net for missed ones.
+  (size, mtime, ctime, mode, inode of the file or of every file in a PEFT folder), for file
+  systems that do not deliver events (NFS, some container volumes) and as a safety net for
+  missed ones. ctime and mode make a permissions fix count as a change.
+
+Each poll also retries the adapters whose file could not be read at all (``transient_errors``),
+and re-attaches the event watch when the folder itself was deleted and created again (the old
+inotify watch died with the old folder; until the next poll, polling alone sees changes).
 
 Events are debounced per adapter: a name is refreshed once no event has touched it for
 ``debounce`` seconds, so a file being written in place, or a PEFT folder appearing file by file,
@@ -29,16 +34,27 @@ Signature = tuple
 
 def entry_signature(path: Path) -> Signature | None:
     try:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             return tuple(
-                (p.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                (p.name, *_stat_signature(p.lstat()))
                 for p in sorted(path.iterdir())
-                if p.is_file() and (st := p.stat())
+                if p.is_file() or p.is_symlink()
             )
-        st = path.stat()
-        return (st.st_size, st.st_mtime_ns, st.st_ino)
+        return _stat_signature(path.lstat())
     except OSError:
         return None
+
+
+def _stat_signature(st) -> Signature:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_ino)
+
+
+def _folder_identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = directory.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 class AdapterWatcher:
@@ -60,9 +76,11 @@ class AdapterWatcher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._observer = None
+        self._folder: tuple[int, int] | None = None  # (device, inode) the watch is attached to
 
     def start(self) -> AdapterWatcher:
         self._signatures = self._scan_signatures()
+        self._folder = _folder_identity(self.directory)
         if self.use_events:
             self._observer = self._start_observer()
         self._thread = threading.Thread(target=self._run, name="loraserve-watch", daemon=True)
@@ -73,9 +91,7 @@ class AdapterWatcher:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
+        self._stop_observer()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -84,6 +100,29 @@ class AdapterWatcher:
         with self._cond:
             self._due[name] = time.monotonic()
             self._cond.notify()
+
+    def _stop_observer(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+
+    def _reattach(self) -> None:
+        """The folder was deleted (and maybe created again): watch the one there now."""
+        folder = _folder_identity(self.directory)
+        if folder == self._folder:
+            return
+        log.warning(
+            "adapters folder %s was %s; %s",
+            self.directory,
+            "removed" if folder is None else "replaced",
+            "polling until it is back" if folder is None else "watching the new one",
+        )
+        self._folder = folder
+        if self.use_events:
+            self._stop_observer()
+            if folder is not None:
+                self._observer = self._start_observer()
 
     def _start_observer(self):
         try:
@@ -150,6 +189,7 @@ class AdapterWatcher:
         return sigs
 
     def _poll(self) -> None:
+        self._reattach()
         sigs = self._scan_signatures()
         changed = {
             n
@@ -157,5 +197,5 @@ class AdapterWatcher:
             if sigs.get(n) != self._signatures.get(n)
         }
         self._signatures = sigs
-        for name in changed:
+        for name in changed | set(self.registry.transient_errors()):
             self.touch(name)

@@ -1,11 +1,17 @@
 """Real processes for scale-out tests: ``loraserve-server`` replicas and an HAProxy started from
-the shipped ``deploy/haproxy/haproxy.cfg`` (only its addresses rewritten), all on loopback.
+the shipped ``deploy/haproxy/haproxy.cfg`` (only its listeners and DNS server rewritten), all
+on loopback.
 
     replica = Replica.start(model, adapters_dir, log_dir / "r1.log")   # python -m server
-    replica.wait_ready()             # model loaded; .port and .metrics_port known
+    replica.wait_ready()             # model loaded; .target and .metrics_port known
     replica.requests()               # {(adapter, code): count} from its /metrics
-    balancer = HAProxy.start(cfg_text, [r.port for r in replicas], log)
-    balancer.server_states()         # {"replica1": "UP", ...} from HAProxy's stats CSV
+    dns = DNS(["127.0.0.1", "127.0.0.2"])   # answers every A query with these addresses
+    balancer = HAProxy.start(binary, workdir, dns.port, replica_port)
+    balancer.server_states()         # {"127.0.0.1:PORT": "UP", ...} from HAProxy's stats CSV
+
+HAProxy finds replicas the way it does under Compose or Kubernetes: A records of one name, one
+address per replica, all on the same port. On loopback that means one address of 127.0.0.0/8
+per replica (``shared_free_port`` finds a port free on all of them).
 
 Each process writes its log to a file (a pipe nobody reads would block it); ``stop()`` ends
 only the process this object started and returns its exit status.
@@ -17,8 +23,10 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -34,25 +42,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shared_free_port(hosts: list[str]) -> int:
+    """A port nobody listens on at any of ``hosts`` (loopback addresses)."""
+    for _ in range(20):
+        port = free_port()
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no port free on all of {hosts}")
+
+
+class DNS:
+    """A DNS server on loopback UDP standing in for Compose's or Kubernetes' DNS: every A query
+    is answered with ``addresses`` (assign a new list to scale), any other type with no record.
+    ``names`` collects the names asked for."""
+
+    def __init__(self, addresses: list[str]):
+        self.addresses = list(addresses)
+        self.names: set[str] = set()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                query, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            self.sock.sendto(self.answer(query), peer)
+
+    def answer(self, query: bytes) -> bytes:
+        """The reply to a one-question query: header, the question echoed, A records."""
+        qid, flags = struct.unpack(">HH", query[:4])
+        labels, end = [], 12
+        while query[end]:  # the name: length-prefixed labels up to a zero byte
+            labels.append(query[end + 1 : end + 1 + query[end]].decode())
+            end += 1 + query[end]
+        (qtype,) = struct.unpack(">H", query[end + 1 : end + 3])
+        self.names.add(".".join(labels))
+        addresses = list(self.addresses) if qtype == 1 else []  # 1 = A
+        # QR + RD copied + RA, NOERROR; one question, len(addresses) answers
+        header = struct.pack(">6H", qid, 0x8080 | (flags & 0x0100), 1, len(addresses), 0, 0)
+        records = b"".join(  # name = pointer to the question's (offset 12), A, IN, TTL 1 s
+            struct.pack(">HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(a) for a in addresses
+        )
+        return header + query[12 : end + 5] + records
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
 def scrape(url: str) -> str:
     return urllib.request.urlopen(url, timeout=5).read().decode()
 
 
 def request_counts(metrics_text: str) -> dict[tuple[str, str], float]:
-    """``loraserve_requests_total`` samples as {(adapter, code): value}."""
-    pattern = r'^loraserve_requests_total\{adapter="([^"]*)",code="([^"]*)"\} (\S+)$'
-    return {(a, c): float(v) for a, c, v in re.findall(pattern, metrics_text, re.M)}
+    """``loraserve_requests_total`` samples as {(adapter, code): value}, summed over methods."""
+    counts: dict[tuple[str, str], float] = {}
+    for labels, value in re.findall(
+        r"^loraserve_requests_total\{(.*)\} (\S+)$", metrics_text, re.M
+    ):
+        d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = (d["adapter"], d["code"])
+        counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
 
 
 class Replica:
     def __init__(self, proc: subprocess.Popen, log: Path):
         self.proc = proc
         self.log = log
+        self.host = "127.0.0.1"
         self.port: int | None = None
         self.metrics_port: int | None = None
 
     @classmethod
     def start(cls, model: Path, adapters: Path, log: Path, *extra: str) -> Replica:
+        """``extra`` flags come last, so ``--host``/``--port`` there override the defaults."""
         args = [
             sys.executable, "-m", "server", "--model", str(model), "--adapters", str(adapters),
             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cpu",
@@ -66,7 +143,7 @@ class Replica:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> Replica:
         """Wait for the "metrics on" log line (written once the model is loaded)."""
@@ -75,15 +152,15 @@ class Replica:
             text = self.log.read_text()
             if self.proc.poll() is not None:
                 raise AssertionError(f"replica exited with {self.proc.returncode}:\n{text}")
-            grpc_port = re.search(r"listening on [\d.]+:(\d+)", text)
+            listening = re.search(r"listening on ([\d.]+):(\d+)", text)
             metrics = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", text)
-            return grpc_port and metrics and (int(grpc_port[1]), int(metrics[1]))
+            return listening and metrics and (listening[1], int(listening[2]), int(metrics[1]))
 
-        self.port, self.metrics_port = wait_for(ready, timeout=timeout, interval=0.1)
+        self.host, self.port, self.metrics_port = wait_for(ready, timeout=timeout, interval=0.1)
         return self
 
     def requests(self) -> dict[tuple[str, str], float]:
-        return request_counts(scrape(f"http://127.0.0.1:{self.metrics_port}/metrics"))
+        return request_counts(scrape(f"http://{self.host}:{self.metrics_port}/metrics"))
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
@@ -99,12 +176,16 @@ class Replica:
             return self.proc.wait(timeout=5)
 
 
-def render_haproxy_cfg(cfg: str, replica_ports: list[int], frontend: int, stats: int) -> str:
-    """The shipped config with its listeners and replica addresses moved onto loopback."""
-    names = re.findall(r"^\s*server \S+ (\S+:50051)", cfg, re.M)
-    assert len(names) == len(replica_ports), (names, replica_ports)
-    for name, port in zip(names, replica_ports):
-        cfg = cfg.replace(f" {name} ", f" 127.0.0.1:{port} ")
+def render_haproxy_cfg(
+    cfg: str, dns_port: int, replica_port: int, frontend: int, stats: int
+) -> str:
+    """The shipped config on loopback: listeners on free ports, ``dns_port`` as the resolver,
+    replicas on ``replica_port``. The server-template, its name and the checks stay as shipped."""
+    assert cfg.count("parse-resolv-conf") == 1
+    cfg = cfg.replace("parse-resolv-conf", f"nameserver test 127.0.0.1:{dns_port}")
+    template = re.compile(r"^(\s*server-template \S+ \S+ \S+):50051\b", re.M)
+    cfg, n = template.subn(rf"\1:{replica_port}", cfg)
+    assert n == 1, "one server-template on port 50051"
     for old, new in ((":8080", frontend), (":8404", stats)):
         assert f"bind {old}" in cfg, old
         cfg = cfg.replace(f"bind {old}", f"bind 127.0.0.1:{new}")
@@ -119,10 +200,11 @@ class HAProxy:
         self.log = log
 
     @classmethod
-    def start(cls, binary: str, replica_ports: list[int], workdir: Path) -> HAProxy:
+    def start(cls, binary: str, workdir: Path, dns_port: int, replica_port: int) -> HAProxy:
         port, stats = free_port(), free_port()
         cfg = workdir / "haproxy.cfg"
-        cfg.write_text(render_haproxy_cfg(HAPROXY_CFG.read_text(), replica_ports, port, stats))
+        shipped = HAPROXY_CFG.read_text()
+        cfg.write_text(render_haproxy_cfg(shipped, dns_port, replica_port, port, stats))
         log = workdir / "haproxy.log"
         with open(log, "w") as out:
             # -db: stay in the foreground, so this Popen is HAProxy itself
@@ -135,15 +217,24 @@ class HAProxy:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def server_states(self) -> dict[str, str]:
-        """{server name: status} for the loraserve backend, e.g. {"replica1": "UP"}."""
+    def slots(self) -> dict[str, tuple[str, str]]:
+        """{address: (slot name, status)} for the loraserve backend's slots that DNS filled,
+        e.g. {"127.0.0.2:41000": ("replica1", "UP")}; empty slots have no address."""
         try:
             csv = scrape(f"http://127.0.0.1:{self.stats_port}/stats;csv")
         except OSError:
             return {}
         header, *rows = [line.split(",") for line in csv.splitlines()]
-        status = header.index("status")
-        return {r[1]: r[status] for r in rows if r[0] == "loraserve" and r[1].startswith("replica")}
+        addr, status = header.index("addr"), header.index("status")
+        return {
+            r[addr]: (r[1], r[status])
+            for r in rows
+            if r[0] == "loraserve" and r[1].startswith("replica") and r[addr]
+        }
+
+    def server_states(self) -> dict[str, str]:
+        """{address: status}, e.g. {"127.0.0.1:41000": "UP"}."""
+        return {a: status for a, (_, status) in self.slots().items()}
 
     def wait_states(self, expected: dict[str, str], timeout: float = 15) -> None:
         def reached():

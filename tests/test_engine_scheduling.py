@@ -153,6 +153,8 @@ def test_queue_full_is_refused_at_submit():
         (req([0], n=10_000), "params.max_new_tokens"),
         (req([0], temperature=-1.0), "params.temperature"),
         (req([0], temperature=float("nan")), "params.temperature"),
+        (req([0], temperature=1e-45), "params.temperature"),  # positive, but unsampleable
+        (req([0], temperature=float("inf")), "params.temperature"),
         (req([0], top_p=0.0), "params.top_p"),
         (req([0], top_p=1.5), "params.top_p"),
         (req([0], top_k=-2), "params.top_k"),

@@ -173,7 +173,8 @@ def test_cancelling_mid_stream_frees_the_sequence(served):
         wait_for(lambda: running(served) == 0, timeout=2)
     finally:
         served.slow.clear()
-    cancelled = served.runtime.metrics.requests.labels("a2", "CANCELLED")._value.get()
+    requests = served.runtime.metrics.requests
+    cancelled = requests.labels("a2", "GenerateStream", "CANCELLED")._value.get()
     assert cancelled >= 1
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.parse
 import urllib.request
 
+import grpc
 import pytest
 
 from adapters.format import write_adapter
 from protos.loraserve.v1 import inference_pb2 as pb
-from server.metrics import OTHER_LABEL, AdapterLabels
+from server.metrics import OTHER_LABEL, UNKNOWN_LABEL, AdapterLabels
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
 from tests.replicas import free_port
@@ -68,10 +70,11 @@ def test_families_are_exported_and_adapter_labels_are_capped(served):
     text = scrape(served)
     for family in FAMILIES:
         assert f"\n{family}" in text, family
-    assert 'loraserve_requests_total{adapter="m0",code="OK"} 1.0' in text
-    assert 'loraserve_requests_total{adapter="m1",code="OK"} 1.0' in text
-    assert f'loraserve_requests_total{{adapter="{OTHER_LABEL}",code="OK"}} 1.0' in text
-    assert 'loraserve_requests_total{adapter="__base__",code="OK"} 1.0' in text
+    ok = 'code="OK",method="Generate"'  # the exposition sorts label names
+    assert f'loraserve_requests_total{{adapter="m0",{ok}}} 1.0' in text
+    assert f'loraserve_requests_total{{adapter="m1",{ok}}} 1.0' in text
+    assert f'loraserve_requests_total{{adapter="{OTHER_LABEL}",{ok}}} 1.0' in text
+    assert f'loraserve_requests_total{{adapter="__base__",{ok}}} 1.0' in text
     assert 'adapter="m2"' not in text  # past the cap of two names
     assert 'loraserve_adapters_resident{tier="disk"} 3.0' in text
     assert 'loraserve_adapters_resident{tier="device"} 2.0' in text  # 3 adapters, 2 slots
@@ -83,6 +86,55 @@ def test_label_cap_is_first_come_first_served():
     assert [labels(n) for n in ["a", "b", "c", "a", ""]] == ["a", "b", OTHER_LABEL, "a", "__base__"]
 
 
+def test_names_the_folder_does_not_hold_share_one_label():
+    deployed = {"real-0", "real-1"}
+    labels = AdapterLabels(cap=2, known=deployed.__contains__)
+    assert {labels(f"typo-{i}") for i in range(100)} == {UNKNOWN_LABEL}
+    assert [labels("real-0"), labels("real-1")] == ["real-0", "real-1"]
+
+
+def test_unknown_adapters_do_not_spend_the_label_slots(served):
+    stub = served.stub()
+    for i in range(5):  # more typos than label slots (2)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(adapter=f"typo-{i}", prompt="hi"))
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    stub.Generate(
+        pb.GenerateRequest(adapter="m0", prompt="hi", params=pb.SamplingParams(max_new_tokens=1))
+    )
+    text = scrape(served)
+    assert "typo-" not in text
+    labels = f'adapter="{UNKNOWN_LABEL}",code="NOT_FOUND",method="Generate"'
+    assert f"loraserve_requests_total{{{labels}}} 5.0" in text
+    assert 'adapter="m0"' in text
+
+
+def test_operator_series(served):
+    stub = served.stub()
+    stub.Generate(
+        pb.GenerateRequest(adapter="m1", prompt="hi", params=pb.SamplingParams(max_new_tokens=2))
+    )
+    list(
+        stub.GenerateStream(
+            pb.GenerateRequest(
+                adapter="m1", prompt="hi", params=pb.SamplingParams(max_new_tokens=2)
+            )
+        )
+    )
+    text = scrape(served)
+    assert "\nprocess_resident_memory_bytes " in text
+    assert "\nprocess_start_time_seconds " in text
+    assert "\npython_info{" in text
+    build = re.search(r"^loraserve_build_info\{(.*)\} 1\.0$", text, re.M)
+    assert build and 'architecture="llama"' in build[1] and 'dtype="float32"' in build[1]
+    assert re.search(
+        r'^loraserve_requests_finished_total\{adapter="m1",finish_reason="length"\} ', text, re.M
+    )
+    assert 'code="OK",method="GenerateStream"' in text and 'code="OK",method="Generate"' in text
+    assert "loraserve_adapters_invalid 0.0" in text
+    assert "_created" not in text  # no created-timestamp noise
+
+
 def test_a_real_prometheus_scrapes_the_request_count(served, tmp_path):
     binary = shutil.which("prometheus")
     if binary is None:
@@ -90,7 +142,7 @@ def test_a_real_prometheus_scrapes_the_request_count(served, tmp_path):
             pytest.fail("prometheus is not installed; .ci/run installs Debian's prometheus")
         pytest.skip("prometheus not installed (apt-get install prometheus); CI runs this test")
     stub = served.stub()
-    before = served.runtime.metrics.requests.labels("m0", "OK")._value.get()
+    before = served.runtime.metrics.requests.labels("m0", "Generate", "OK")._value.get()
     sent = 5
     for _ in range(sent):
         stub.Generate(

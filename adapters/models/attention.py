@@ -12,7 +12,10 @@ Contract for the engine:
     tokens and < max_seq (just keep counting). Their junk lies beyond every real query's
     position and the real token that later takes that position overwrites it before any read;
   * positions inside one row of one call must be distinct (the write is a scatter);
-  * a reused row needs no clearing: stale entries are either overwritten or never read.
+  * stale entries are masked, but a masked entry still reaches the output if it is not finite
+    (`0 * NaN = NaN` in `softmax(...) @ V`). So the owner of a row clears what it wrote when it
+    gives the row back (`clear_row`): a row handed to a new sequence holds only zeros beyond
+    what that sequence writes itself, whatever the previous one left there.
 - Each cached forward reads `positions.max()` back to the host once (to size the read window
   kv_len), not once per layer. With `cache_rows=None` rows 0..B-1 are read as views (no gather).
 """
@@ -50,6 +53,14 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def clear_row(self, row: int, upto: int) -> None:
+        """Zero positions ``[0, upto)`` of ``row`` in every layer (a sequence gives it back)."""
+        upto = min(upto, self.max_seq)
+        if upto <= 0:
+            return
+        for t in (*self.k, *self.v):
+            t[row, :, :upto].zero_()
 
     def step(self, positions: Tensor, rows: Tensor | None = None) -> CacheStep:
         """The view of this cache one forward uses. positions: Long[B, S]; rows: Long[B]."""
