@@ -108,9 +108,14 @@ class AdapterWatcher:
             observer.join(timeout=5)
 
     def _reattach(self) -> None:
-        """The folder was deleted (and maybe created again): watch the one there now."""
+        """The folder was deleted (and maybe created again): watch the one there now. A new
+        folder may reuse the old inode number, so a watch whose emitter stopped (inotify ends
+        it when the watched folder goes) counts as gone too."""
         folder = _folder_identity(self.directory)
-        if folder == self._folder:
+        dead = self._observer is not None and not all(
+            e.is_alive() for e in self._observer.emitters
+        )
+        if folder == self._folder and not dead:
             return
         log.warning(
             "adapters folder %s was %s; %s",
