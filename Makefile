@@ -13,23 +13,53 @@ PIP_TORCH_ARGS ?=
 ADAPTERS_DIR ?= run/adapters
 SERVE_ARGS ?=
 
-.PHONY: install test lint proto serve bench bench-quick demo-assets clean
+.PHONY: install install-test install-bench peers test lint proto serve bench bench-quick demo-assets clean
 
+# What serving needs only; the test and bench extras (transformers, peft, matplotlib) come with
+# the targets that use them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_TORCH_ARGS) '$(TORCH)'
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+install-bench: $(VENV)/.installed-bench
+
+# Real peers the tests talk to: Prometheus (and promtool) scrape /metrics and check the alert
+# rules, HAProxy checks the shipped balancer config, openssl makes test certificates. Installed
+# with apt when missing and we are root; otherwise one line says what to run.
+PEER_PACKAGES := prometheus:prometheus promtool:prometheus haproxy:haproxy openssl:openssl
+peers:
+	@need=""; for pair in $(PEER_PACKAGES); do \
+		command -v $${pair%%:*} >/dev/null || need="$$need $${pair##*:}"; done; \
+	need=$$(echo $$need | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${need// /}" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing test peers:$$need"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+		else \
+			echo "make test needs:$$need -- run: sudo apt-get install -y$$need"; exit 1; \
+		fi; \
+	fi
 
 # Regenerate the committed gRPC stubs (a test fails when they are stale).
-proto: install
+proto: install-test
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		protos/loraserve/v1/inference.proto
 
-test: install
+test: install-bench peers
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -45,13 +75,13 @@ demo-assets: install
 	$(PY) -m adapters.demo_recipe
 
 # Benchmarks (bench/README.md): the full CPU suite ~15 min, the quick one ~2 min on 2 cores.
-bench: install
+bench: install-bench
 	$(PY) -m bench
 
-bench-quick: install
+bench-quick: install-bench
 	$(PY) -m bench --quick
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check adapters server client tests bench
 

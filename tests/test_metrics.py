@@ -139,7 +139,7 @@ def test_a_real_prometheus_scrapes_the_request_count(served, tmp_path):
     binary = shutil.which("prometheus")
     if binary is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("prometheus is not installed; .ci/run installs Debian's prometheus")
+            pytest.fail("prometheus is not installed; make test installs Debian's prometheus")
         pytest.skip("prometheus not installed (apt-get install prometheus); CI runs this test")
     stub = served.stub()
     before = served.runtime.metrics.requests.labels("m0", "Generate", "OK")._value.get()
