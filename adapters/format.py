@@ -22,8 +22,20 @@ Contract of ``read_adapter``:
   ``adapter_model.safetensors`` for a folder), first 16 hex chars. The bytes are read once, so
   the hash always describes the tensors returned.
 - Everything wrong with the file itself raises a subclass of ``InvalidAdapter`` naming the
-  problem; ``validate_adapter`` then checks it against a base model (module names, shapes,
-  targeted modules present, rank limit, base fingerprint).
+  problem, and nothing else does (``OSError`` only when the file cannot be read at all; a reader
+  bug that a file triggers is reported as ``CorruptAdapterFile``). Cheap checks come first and
+  the tensor data is read only once the file is known to be a LoRA that fits its config: the
+  size against ``max_bytes``; the safetensors header (at most ``MAX_HEADER_BYTES``; dtypes,
+  shapes, offsets that cover the file exactly); the config (types, ranges, patterns); every
+  tensor a LoRA A/B weight whose ranks and A/B shapes fit the config, every scale within
+  ``MAX_SCALE``. Then the data: every weight finite and within float16's range
+  (``NonFiniteWeights``, ``WeightsOutOfRange``); anything else is not a trained LoRA.
+- Patterns from the file (``target_modules`` / ``exclude_modules`` strings, ``rank_pattern`` /
+  ``alpha_pattern`` keys, ``layers_pattern``) are capped in length and number and run on
+  ``adapters.lora.bounded_match``: one read spends at most ``MATCH_BUDGET_S`` matching them, and
+  a pattern that needs more is refused as too costly to match.
+- ``validate_adapter`` then checks the adapter against a base model (module names, shapes,
+  targeted modules present, rank limit, base fingerprint), with a matching budget of its own.
 
 Both writers are atomic (temp name in the same directory, then ``os.replace``) and
 deterministic: the same adapter always gives the same bytes, hence the same version.
@@ -36,17 +48,27 @@ import json
 import math
 import os
 import re
+import reprlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
-import safetensors.torch
+import numpy as np
 import torch
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from adapters.lora import LinearWithLoRA, linear_shapes, match_target, peft_scale
+from adapters.lora import (
+    LinearWithLoRA,
+    MatchBudget,
+    PatternError,
+    bounded_match,
+    compile_pattern,
+    linear_shapes,
+    match_target,
+    peft_scale,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CONFIG_KEY = "loraserve.lora_config"  # single file: the LoRA config JSON in the header metadata
@@ -60,6 +82,17 @@ PEFT_PREFIX = "base_model.model."
 MAX_ADAPTER_BYTES = 4 << 30
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_CONFIG_BYTES = 1 << 20
+# What a file may make us compile and match (the time is bounded by lora.MATCH_BUDGET_S per
+# read; these keep each step small and every message short). Real configs hold a few patterns
+# of a few dozen characters, and module names are under 100.
+MAX_PATTERN_CHARS = 512
+MAX_PATTERNS = 1024  # keys of rank_pattern / alpha_pattern, entries of a list of names
+MAX_KEY_CHARS = 512  # a tensor key, hence a module name
+MAX_RANK = 1 << 16
+# A trained LoRA has weights of order 1 and a scale of order 1 to 100; beyond these it is a
+# corrupt or hostile file (and its deltas would overflow a half-precision base).
+MAX_WEIGHT = 65504.0  # float16's largest finite value
+MAX_SCALE = 1e6
 
 _DTYPE_NAMES = {
     torch.float16: "F16",
@@ -68,6 +101,7 @@ _DTYPE_NAMES = {
     torch.float64: "F64",
 }
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 _CONVERT_BIN = (
     "convert it to safetensors once, in an environment you trust:\n"
@@ -145,14 +179,29 @@ class FingerprintMismatch(InvalidAdapter):
     pass
 
 
+class NonFiniteWeights(InvalidAdapter):
+    """A LoRA tensor holds NaN or an infinity."""
+
+
+class WeightsOutOfRange(InvalidAdapter):
+    """Finite LoRA weights beyond float16's range: no trained LoRA has them."""
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 
 
-def _pattern_key(keys, name: str) -> str | None:
+# How PEFT applies each kind of pattern (its own words, run on the bounded matcher).
+_KEY_TEMPLATE = r"(.*\.)?({})$"  # get_pattern_key: a rank/alpha key matches a dotted suffix
+_LAYER_TEMPLATE = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."  # the layer index after layers_pattern
+_ANY_LAYER = r".*?\.[^.]*\.(?P<idx>\d+)\."  # the layer index without layers_pattern
+
+
+def _pattern_key(keys, name: str, what: str, budget: MatchBudget | None) -> str | None:
     """PEFT's ``get_pattern_key``: the first key that matches the end of ``name`` at a dot."""
+    budget = MatchBudget() if budget is None else budget
     for key in keys:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if bounded_match(key, name, budget, template=_KEY_TEMPLATE, what=f"{what} key"):
             return key
     return None
 
@@ -165,6 +214,9 @@ class LoRAConfig:
     ``"all-linear"``). ``None`` declares no targets: the modules that have weights are the
     adapted set, and ``validate_adapter`` cannot tell whether any are missing.
     ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` narrow it as in PEFT.
+
+    The lookups match patterns within ``budget`` (``adapters.lora.MatchBudget``; a fresh one per
+    call when None) and raise ``PatternError`` when one is too costly to match.
     """
 
     r: int
@@ -180,28 +232,32 @@ class LoRAConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
 
-    def rank_for(self, name: str) -> int:
-        key = _pattern_key(self.rank_pattern, name)
+    def rank_for(self, name: str, budget: MatchBudget | None = None) -> int:
+        key = _pattern_key(self.rank_pattern, name, "rank_pattern", budget)
         return self.r if key is None else self.rank_pattern[key]
 
-    def alpha_for(self, name: str) -> float:
-        key = _pattern_key(self.alpha_pattern, name)
+    def alpha_for(self, name: str, budget: MatchBudget | None = None) -> float:
+        key = _pattern_key(self.alpha_pattern, name, "alpha_pattern", budget)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
-    def scale_for(self, name: str) -> float:
-        return peft_scale(self.rank_for(name), self.alpha_for(name), self.use_rslora)
+    def scale_for(self, name: str, budget: MatchBudget | None = None) -> float:
+        budget = MatchBudget() if budget is None else budget
+        return peft_scale(
+            self.rank_for(name, budget), self.alpha_for(name, budget), self.use_rslora
+        )
 
-    def targets(self, name: str) -> bool:
+    def targets(self, name: str, budget: MatchBudget | None = None) -> bool:
         """Would PEFT adapt linear module ``name``? (PEFT's ``check_target_module_exists``)"""
-        if self.exclude_modules and match_target(name, self.exclude_modules):
+        budget = MatchBudget() if budget is None else budget
+        if self.exclude_modules and match_target(name, self.exclude_modules, budget=budget):
             return False
-        if not match_target(name, self.target_modules):
+        if not match_target(name, self.target_modules, budget=budget):
             return False
         if self.layers_to_transform is None or not isinstance(self.target_modules, tuple):
             return True
         if name in self.target_modules:  # PEFT: an exact name skips the layer filter
             return True
-        return _layer_index(name, self.layers_pattern) in self.layers_to_transform
+        return _layer_index(name, self.layers_pattern, budget) in self.layers_to_transform
 
     def to_dict(self) -> dict:
         """PEFT ``adapter_config.json`` fields (plus ``base_fingerprint`` when set)."""
@@ -238,14 +294,18 @@ def _listify(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+def _layer_index(
+    name: str, layers_pattern: tuple[str, ...] | None, budget: MatchBudget
+) -> int | None:
     """The first numbered segment of ``name`` (PEFT: the layer index for layers_to_transform)."""
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        match = bounded_match(_ANY_LAYER, name, budget)
     else:
         match = None
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = bounded_match(
+                pattern, name, budget, template=_LAYER_TEMPLATE, what="layers_pattern"
+            )
             if match is not None:
                 break
     return int(match["idx"]) if match else None
@@ -341,7 +401,11 @@ def adapter_from_model(model: nn.Module, name: str, config: LoRAConfig) -> Adapt
 def read_adapter(
     path: str | os.PathLike, name: str | None = None, max_bytes: int = MAX_ADAPTER_BYTES
 ) -> Adapter:
-    """Read ``NAME.safetensors`` or a PEFT folder ``NAME/``; ``name`` defaults to NAME."""
+    """Read ``NAME.safetensors`` or a PEFT folder ``NAME/``; ``name`` defaults to NAME.
+
+    ``max_bytes`` caps the weights file (a server can pass one derived from its model). Raises
+    ``InvalidAdapter`` for anything wrong with the file, ``OSError`` when it cannot be read.
+    """
     path = Path(path)
     if name is None:
         name = (
@@ -350,37 +414,56 @@ def read_adapter(
     check_name(name)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such adapter file or folder")
-    if path.is_dir():
-        return _read_peft_folder(path, name, max_bytes)
+    try:
+        if path.is_dir():
+            return _read_peft_folder(path, name, max_bytes)
+        return _read_single_file(path, name, max_bytes)
+    except (InvalidAdapter, OSError):
+        raise
+    except Exception as err:  # a reader bug that a file can trigger still fails only that file
+        raise CorruptAdapterFile(
+            f"{path}: could not be read: {type(err).__name__}: {reprlib.repr(str(err))}"
+        ) from err
+
+
+def _read_single_file(path: Path, name: str, max_bytes: int) -> Adapter:
     if path.suffix in _PICKLE_SUFFIXES:
         raise UnsupportedAdapter(f"{path}: pickle checkpoints are never loaded; {_CONVERT_BIN}")
     if path.suffix != ".safetensors":
         raise UnsupportedAdapter(
             f"{path}: not an adapter (expected NAME.safetensors or a PEFT folder NAME/)"
         )
-    data = _read_bytes(path, max_bytes)
-    tensors, metadata = _load_safetensors(data, path)
+    with open(path, "rb") as f:
+        header = _read_header(f, path, max_bytes)
+        config = _config_from_metadata(header.metadata, path)
+        plan = _plan_modules(header.tensors, config, path)
+        body = _read_body(f, header, path)
+    modules = _modules_from_body(plan, header, body, path)
+    return Adapter(name, config, modules, _digest(header.raw, body), _nbytes(modules))
+
+
+def _config_from_metadata(metadata: dict[str, str], path: Path) -> LoRAConfig:
     if CONFIG_KEY not in metadata:
         raise InvalidAdapterConfig(
             f"{path}: no {CONFIG_KEY!r} in the safetensors header metadata, so r and lora_alpha "
             f"are unknown (a PEFT {PEFT_WEIGHTS} needs its folder with {PEFT_CONFIG})"
         )
-    try:
-        config_dict = json.loads(metadata[CONFIG_KEY])
-    except json.JSONDecodeError as e:
+    text = metadata[CONFIG_KEY]
+    if len(text) > MAX_CONFIG_BYTES:
         raise InvalidAdapterConfig(
-            f"{path}: {CONFIG_KEY} metadata is not valid JSON: {e}"
-        ) from None
+            f"{path}: {CONFIG_KEY} metadata is {len(text)} characters, over the "
+            f"{MAX_CONFIG_BYTES} limit"
+        )
+    config_dict = _load_json(text, path, f"{CONFIG_KEY} metadata", InvalidAdapterConfig)
     if not isinstance(config_dict, dict):
         raise InvalidAdapterConfig(f"{path}: {CONFIG_KEY} metadata is not a JSON object")
     version = config_dict.get("format_version")
-    if not _is_int(version) or version > FORMAT_VERSION:
+    if not (_is_int(version) and 1 <= version <= FORMAT_VERSION):
         raise UnsupportedAdapter(
-            f"{path}: format_version {version!r}; this loraserve reads up to {FORMAT_VERSION}"
+            f"{path}: format_version {reprlib.repr(version)}; this loraserve reads up to "
+            f"{FORMAT_VERSION}"
         )
-    config = _config_from_dict(config_dict, path)
-    modules = _modules_from_tensors(tensors, config, path)
-    return Adapter(name, config, modules, _digest(data), _nbytes(modules))
+    return _config_from_dict(config_dict, path)
 
 
 def _read_peft_folder(folder: Path, name: str, max_bytes: int) -> Adapter:
@@ -396,75 +479,124 @@ def _read_peft_folder(folder: Path, name: str, max_bytes: int) -> Adapter:
     if not config_path.is_file():
         raise InvalidAdapterConfig(f"{folder}: no {PEFT_CONFIG} in the adapter folder")
     config_bytes = _read_bytes(config_path, MAX_CONFIG_BYTES)
-    try:
-        config_dict = json.loads(config_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidAdapterConfig(f"{config_path}: not valid JSON: {e}") from None
-    data = _read_bytes(weights_path, max_bytes)
-    tensors, metadata = _load_safetensors(data, weights_path)
-    config = _config_from_dict(config_dict, config_path)
-    if FINGERPRINT_KEY in metadata and config.base_fingerprint is None:
-        config = replace(config, base_fingerprint=metadata[FINGERPRINT_KEY])
-    modules = _modules_from_tensors(tensors, config, weights_path)
-    return Adapter(name, config, modules, _digest(config_bytes + data), _nbytes(modules))
+    config_dict = _load_json(config_bytes, config_path, "the config", InvalidAdapterConfig)
+    with open(weights_path, "rb") as f:
+        header = _read_header(f, weights_path, max_bytes)
+        config = _config_from_dict(config_dict, config_path)
+        fingerprint = header.metadata.get(FINGERPRINT_KEY)
+        if fingerprint is not None and config.base_fingerprint is None:
+            config = replace(config, base_fingerprint=fingerprint)
+        plan = _plan_modules(header.tensors, config, weights_path)
+        body = _read_body(f, header, weights_path)
+    modules = _modules_from_body(plan, header, body, weights_path)
+    version = _digest(config_bytes, header.raw, body)
+    return Adapter(name, config, modules, version, _nbytes(modules))
 
 
 def _read_bytes(path: Path, max_bytes: int) -> bytes:
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise AdapterTooLarge(f"{path}: {size} bytes is over the {max_bytes}-byte limit")
     with open(path, "rb") as f:
-        return f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise AdapterTooLarge(f"{path}: {size} bytes is over the {max_bytes}-byte limit")
+        return f.read(size)  # bounded even if the file grows meanwhile
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def _load_json(text: bytes | str, path: Path, what: str, error: type[InvalidAdapter]):
+    try:
+        return json.loads(text)
+    except RecursionError:  # json recurses per nesting level: "[" * 100000 exhausts the stack
+        raise error(f"{path}: {what} is nested too deeply to parse") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, or an int over Python's 4300-digit limit
+        raise error(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _digest(*chunks: bytes | np.ndarray) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _nbytes(modules: dict[str, LoRAWeights]) -> int:
     return sum(w.A.nbytes + w.B.nbytes for w in modules.values())
 
 
-# ---- safetensors: check the header ourselves, then let safetensors build the tensors
+# ---- safetensors: the header is read and checked on its own; the data only once it is a LoRA
 
 
-def _check_header(data: bytes, path: Path) -> dict[str, str]:
-    """The header's metadata, after checking every size and offset against the file size.
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as the header declares it; ``[begin, end)`` is its byte range in the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    raw: bytes  # the file's first 8 + n bytes, the start of what the content hash covers
+    tensors: dict[str, _Entry]
+    metadata: dict[str, str]
+    body_bytes: int  # size of the data section that follows
+
+
+def _read_header(f: BinaryIO, path: Path, max_bytes: int) -> _Header:
+    """Read and check the header alone; at most ``MAX_HEADER_BYTES`` + 8 bytes, whatever the file.
 
     Layout: ``u64 little-endian n`` | ``n bytes of JSON`` | tensor data. Catches truncation and
     non-safetensors files with a readable message, and never allocates more than the file.
     """
-    if len(data) < 8:
-        raise CorruptAdapterFile(f"{path}: {len(data)} bytes, too short to be a safetensors file")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(len(data) - 8, MAX_HEADER_BYTES):
+    size = os.fstat(f.fileno()).st_size
+    if size > max_bytes:
+        raise AdapterTooLarge(f"{path}: {size} bytes is over the {max_bytes}-byte limit")
+    if size < 8:
+        raise CorruptAdapterFile(f"{path}: {size} bytes, too short to be a safetensors file")
+    prefix = f.read(8)
+    n = int.from_bytes(prefix, "little")
+    if n > min(size - 8, MAX_HEADER_BYTES):
         raise CorruptAdapterFile(
-            f"{path}: header length {n} does not fit in a {len(data)}-byte file "
+            f"{path}: header length {n} does not fit in a {size}-byte file "
             "(truncated, or not a safetensors file)"
         )
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptAdapterFile(f"{path}: safetensors header is not valid JSON ({e})") from None
+    text = f.read(n)
+    if len(prefix) + len(text) != 8 + n:
+        raise CorruptAdapterFile(f"{path}: the file changed while it was read")
+    tensors, metadata = _check_header(text, size - 8 - n, path)
+    return _Header(prefix + text, tensors, metadata, size - 8 - n)
+
+
+def _check_header(text: bytes, body: int, path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """The tensors and metadata, after checking every size and offset against the ``body``
+    bytes that follow the header."""
+    header = _load_json(text, path, "safetensors header", CorruptAdapterFile)
     if not isinstance(header, dict):
         raise CorruptAdapterFile(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptAdapterFile(f"{path}: __metadata__ must map strings to strings")
-    body = len(data) - 8 - n
-    spans = []
+    tensors = {}
     for key, info in header.items():
+        if len(key) > MAX_KEY_CHARS:
+            raise InvalidAdapterConfig(
+                f"{path}: tensor key {key[:60]!r}... is {len(key)} characters; tensor keys "
+                f"(hence module names) are limited to {MAX_KEY_CHARS}"
+            )
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise CorruptAdapterFile(f"{path}: header entry for {key!r} is malformed") from None
         if dtype not in _ITEMSIZE:
             raise UnsupportedAdapter(
-                f"{path}: tensor {key!r} has dtype {dtype}; "
+                f"{path}: tensor {key!r} has dtype "
+                f"{dtype[:16] if isinstance(dtype, str) else reprlib.repr(dtype)}; "
                 "LoRA weights must be F16, BF16, F32 or F64"
             )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise CorruptAdapterFile(f"{path}: tensor {key!r} has an invalid shape {shape}")
+            raise CorruptAdapterFile(
+                f"{path}: tensor {key!r} has an invalid shape {reprlib.repr(shape)}"
+            )
         if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end):
             raise CorruptAdapterFile(f"{path}: tensor {key!r} has invalid data_offsets")
         if end > body:
@@ -474,29 +606,58 @@ def _check_header(data: bytes, path: Path) -> dict[str, str]:
             )
         if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
             raise CorruptAdapterFile(
-                f"{path}: tensor {key!r} {dtype}{shape} does not match its byte range "
-                f"[{begin}, {end})"
+                f"{path}: tensor {key!r} {dtype}{reprlib.repr(shape)} does not match its byte "
+                f"range [{begin}, {end})"
             )
-        spans.append((begin, end))
+        tensors[key] = _Entry(dtype, tuple(shape), begin, end)
     covered = 0
-    for begin, end in sorted(spans):
-        if begin != covered:
-            raise CorruptAdapterFile(f"{path}: tensor data overlaps or has gaps at byte {begin}")
-        covered = end
+    for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != covered:
+            raise CorruptAdapterFile(
+                f"{path}: tensor data overlaps or has gaps at byte {entry.begin}"
+            )
+        covered = entry.end
     if covered != body:
         raise CorruptAdapterFile(
             f"{path}: {body - covered} bytes after the last tensor (corrupt or concatenated file)"
         )
-    return metadata
-
-
-def _load_safetensors(data: bytes, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    metadata = _check_header(data, path)
-    try:
-        tensors = safetensors.torch.load(data)
-    except SafetensorError as e:
-        raise CorruptAdapterFile(f"{path}: safetensors could not read it: {e}") from None
     return tensors, metadata
+
+
+def _read_body(f: BinaryIO, header: _Header, path: Path) -> np.ndarray:
+    """The data section, into one buffer the tensors will view (no copy per tensor)."""
+    body = np.empty(header.body_bytes, np.uint8)  # a bytearray's zero-fill doubled the read time
+    if f.readinto(body) != len(body) or f.read(1):
+        raise CorruptAdapterFile(f"{path}: the file changed while it was read")
+    return body
+
+
+def _tensor(body: np.ndarray, key: str, entry: _Entry, path: Path) -> Tensor:
+    """Tensor ``key``, a view of ``body``; refused unless its weights are finite and plausible."""
+    dtype = _TORCH_DTYPES[entry.dtype]
+    if entry.begin == entry.end:
+        return torch.empty(entry.shape, dtype=dtype)
+    # safetensors data is little-endian, as every platform torch ships for.
+    t = torch.frombuffer(body, dtype=dtype, count=math.prod(entry.shape), offset=entry.begin)
+    if entry.begin % t.element_size():  # safetensors does not align tensors; kernels expect it
+        t = t.clone()
+    _check_weights(t, key, path)
+    return t.reshape(entry.shape)
+
+
+def _check_weights(t: Tensor, key: str, path: Path) -> None:
+    # One pass and no temporary: aminmax propagates a NaN to both ends and an infinity is an
+    # end (isfinite().all() plus abs().max() takes two passes, two temporaries and ~30x longer).
+    lo, hi = (v.item() for v in torch.aminmax(t))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        what = "NaN" if math.isnan(hi) else "infinite"
+        raise NonFiniteWeights(f"{path}: tensor {key!r} holds {what} values")
+    if max(-lo, hi) > MAX_WEIGHT:
+        raise WeightsOutOfRange(
+            f"{path}: tensor {key!r} holds weights of magnitude {max(-lo, hi):.3g}, over "
+            f"float16's largest value {MAX_WEIGHT:g}: that cannot be a trained LoRA, and it "
+            "would overflow half precision"
+        )
 
 
 def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
@@ -530,65 +691,62 @@ def _config_from_dict(d: dict, path: Path) -> LoRAConfig:
         raise InvalidAdapterConfig(f"{path}: the LoRA config is not a JSON object")
     peft_type = d.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise UnsupportedAdapter(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+        raise UnsupportedAdapter(
+            f"{path}: peft_type {reprlib.repr(peft_type)} is not supported (only LORA)"
+        )
     features = [desc for key, desc in _UNSUPPORTED_FIELDS.items() if d.get(key)]
     if d.get("bias", "none") != "none":
-        features.append(f"bias={d['bias']!r} (trained base biases; only bias='none')")
+        features.append(f"bias={reprlib.repr(d['bias'])} (trained base biases; only bias='none')")
     init = d.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
         features.append(
-            f"init_lora_weights={init!r} (it changed the base weights; save with PEFT's "
-            "path_initial_model_for_weight_conversion to get an adapter for the original base)"
+            f"init_lora_weights={reprlib.repr(init)} (it changed the base weights; save with "
+            "PEFT's path_initial_model_for_weight_conversion to get an adapter for the original "
+            "base)"
         )
     if features:
         raise UnsupportedAdapter(f"{path}: uses unsupported features: {', '.join(features)}")
 
     r = d.get("r")
-    if not _is_int(r) or r < 1:
-        raise InvalidAdapterConfig(f"{path}: r must be a positive integer, got {r!r}")
+    if not (_is_int(r) and 1 <= r <= MAX_RANK):
+        raise InvalidAdapterConfig(
+            f"{path}: r must be a positive integer up to {MAX_RANK}, got {reprlib.repr(r)}"
+        )
     alpha = d.get("lora_alpha", 8)  # PEFT's default
     if not _is_number(alpha):
-        raise InvalidAdapterConfig(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
-    rank_pattern = d.get("rank_pattern") or {}
-    alpha_pattern = d.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not all(
-        _is_int(v) and v >= 1 for v in rank_pattern.values()
-    ):
-        raise InvalidAdapterConfig(f"{path}: rank_pattern must map patterns to positive integers")
-    if not isinstance(alpha_pattern, dict) or not all(
-        _is_number(v) for v in alpha_pattern.values()
-    ):
-        raise InvalidAdapterConfig(f"{path}: alpha_pattern must map patterns to numbers")
-    for pattern in [*rank_pattern, *alpha_pattern]:
-        _check_regex(pattern, "rank_pattern/alpha_pattern key", path)
-
-    target_modules = _names_or_regex(d.get("target_modules"), "target_modules", path)
+        raise InvalidAdapterConfig(
+            f"{path}: lora_alpha must be a finite number, got {reprlib.repr(alpha)}"
+        )
+    rank_pattern = _pattern_map(d, "rank_pattern", path)
+    if not all(_is_int(v) and 1 <= v <= MAX_RANK for v in rank_pattern.values()):
+        raise InvalidAdapterConfig(
+            f"{path}: rank_pattern must map patterns to ranks from 1 to {MAX_RANK}"
+        )
+    alpha_pattern = _pattern_map(d, "alpha_pattern", path)
+    if not all(_is_number(v) for v in alpha_pattern.values()):
+        raise InvalidAdapterConfig(f"{path}: alpha_pattern must map patterns to finite numbers")
     layers = d.get("layers_to_transform")
     if _is_int(layers):
         layers = [layers]
-    if layers is not None and not (isinstance(layers, list) and all(_is_int(i) for i in layers)):
-        raise InvalidAdapterConfig(f"{path}: layers_to_transform must be int or list of ints")
-    layers_pattern = d.get("layers_pattern")
-    if isinstance(layers_pattern, str):
-        layers_pattern = [layers_pattern]
-    for pattern in layers_pattern or []:
-        _check_regex(pattern, "layers_pattern", path)
-    fingerprint = d.get("base_fingerprint")
-    if fingerprint is not None and not isinstance(fingerprint, str):
-        raise InvalidAdapterConfig(f"{path}: base_fingerprint must be a string")
+    if layers is not None and not (
+        isinstance(layers, list) and len(layers) <= MAX_PATTERNS and all(map(_is_int, layers))
+    ):
+        raise InvalidAdapterConfig(
+            f"{path}: layers_to_transform must be an int or a list of at most {MAX_PATTERNS} ints"
+        )
     return LoRAConfig(
         r=r,
         lora_alpha=alpha,
-        use_rslora=bool(d.get("use_rslora", False)),
-        target_modules=target_modules,
-        rank_pattern=dict(rank_pattern),
-        alpha_pattern=dict(alpha_pattern),
-        base_fingerprint=fingerprint,
-        base_model=d.get("base_model_name_or_path"),
-        fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
+        use_rslora=_flag(d, "use_rslora", path),
+        target_modules=_names_or_regex(d.get("target_modules"), "target_modules", path),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        base_fingerprint=_optional_str(d, "base_fingerprint", path),
+        base_model=_optional_str(d, "base_model_name_or_path", path),
+        fan_in_fan_out=_flag(d, "fan_in_fan_out", path),
         exclude_modules=_names_or_regex(d.get("exclude_modules"), "exclude_modules", path),
         layers_to_transform=tuple(layers) if layers else None,
-        layers_pattern=tuple(layers_pattern) if layers_pattern else None,
+        layers_pattern=_layers_pattern(d.get("layers_pattern"), path),
     )
 
 
@@ -597,16 +755,63 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_regex(pattern: str, what: str, path: Path) -> None:
+    """A JSON number that is a finite float: ``math.isfinite`` itself raises OverflowError for
+    an int beyond float's range (``10**400``), which JSON allows."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
     try:
-        re.compile(pattern)
-    except (re.error, TypeError) as e:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _flag(d: dict, key: str, path: Path) -> bool:
+    value = d.get(key)
+    if value is None:  # absent, or null, which PEFT reads as off
+        return False
+    if not isinstance(value, bool):
         raise InvalidAdapterConfig(
-            f"{path}: {what} {pattern!r} is not a valid regex ({e})"
-        ) from None
+            f"{path}: {key} must be true or false, got {reprlib.repr(value)}"
+        )
+    return value
+
+
+def _optional_str(d: dict, key: str, path: Path) -> str | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidAdapterConfig(f"{path}: {key} must be a string, got {reprlib.repr(value)}")
+    return value
+
+
+def _check_regex(pattern: str, what: str, path: Path, template: str = "{}") -> None:
+    """``pattern`` from the file, as PEFT will use it (``template``), is one we can afford."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise InvalidAdapterConfig(
+            f"{path}: {what} {pattern[:60]!r}... is {len(pattern)} characters; patterns are "
+            f"limited to {MAX_PATTERN_CHARS}"
+        )
+    try:
+        compile_pattern(pattern, template, what)
+    except PatternError as e:
+        raise InvalidAdapterConfig(f"{path}: {e}") from None
+
+
+def _check_count(values, what: str, path: Path) -> None:
+    if len(values) > MAX_PATTERNS:
+        raise InvalidAdapterConfig(
+            f"{path}: {what} has {len(values)} entries; at most {MAX_PATTERNS} are accepted"
+        )
+
+
+def _pattern_map(d: dict, what: str, path: Path) -> dict:
+    """``rank_pattern`` / ``alpha_pattern``: pattern keys (JSON keys, always strings) checked."""
+    patterns = d.get(what) or {}
+    if not isinstance(patterns, dict):
+        raise InvalidAdapterConfig(f"{path}: {what} must map patterns to values")
+    _check_count(patterns, what, path)
+    for key in patterns:
+        _check_regex(key, f"{what} key", path, _KEY_TEMPLATE)
+    return dict(patterns)
 
 
 def _names_or_regex(value, what: str, path: Path) -> tuple[str, ...] | str | None:
@@ -616,8 +821,31 @@ def _names_or_regex(value, what: str, path: Path) -> tuple[str, ...] | str | Non
         _check_regex(value, what, path)
         return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        _check_count(value, what, path)
+        if any(len(v) > MAX_PATTERN_CHARS for v in value):
+            raise InvalidAdapterConfig(
+                f"{path}: {what} holds a name over {MAX_PATTERN_CHARS} characters"
+            )
         return tuple(value)
-    raise InvalidAdapterConfig(f"{path}: {what} must be a list of names or a regex, got {value!r}")
+    raise InvalidAdapterConfig(
+        f"{path}: {what} must be a list of names or a regex, got {reprlib.repr(value)}"
+    )
+
+
+def _layers_pattern(value, path: Path) -> tuple[str, ...] | None:
+    if value is None or value == "" or value == []:  # PEFT: no layers_pattern, any layer
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(p, str) for p in value)):
+        raise InvalidAdapterConfig(
+            f"{path}: layers_pattern must be a string or a list of strings, got "
+            f"{reprlib.repr(value)}"
+        )
+    _check_count(value, "layers_pattern", path)
+    for pattern in value:
+        _check_regex(pattern, "layers_pattern", path, _LAYER_TEMPLATE)
+    return tuple(value)
 
 
 # ---- tensors -> modules
@@ -643,43 +871,68 @@ def _parse_key(key: str, path: Path) -> tuple[str, str, str | None]:
     return match["module"], match["part"], match["adapter"]
 
 
-def _modules_from_tensors(
-    tensors: dict[str, Tensor], config: LoRAConfig, path: Path
-) -> dict[str, LoRAWeights]:
-    parsed = [(_parse_key(key, path), tensor) for key, tensor in tensors.items()]
-    adapter_names = {adapter_name for (_, _, adapter_name), _ in parsed}
+# A module's (lora_A key, lora_B key, scale), planned from the header before the data is read.
+_Plan = dict[str, tuple[str, str, float]]
+
+
+def _plan_modules(tensors: dict[str, _Entry], config: LoRAConfig, path: Path) -> _Plan:
+    """Check from the header alone that the tensors are one adapter's LoRA A/B pairs with the
+    config's ranks and sane scales; the data is read only when this passes."""
+    parsed = {key: _parse_key(key, path) for key in tensors}
+    adapter_names = {adapter_name for _, _, adapter_name in parsed.values()}
     if len(adapter_names) > 1:
         raise UnsupportedAdapter(
             f"{path}: holds several adapters ({sorted(map(str, adapter_names))}); save one per file"
         )
-    parts: dict[str, dict[str, Tensor]] = {}
-    for (module, part, _), tensor in parsed:
+    parts: dict[str, dict[str, str]] = {}
+    for key, (module, part, _) in parsed.items():
         if part in parts.setdefault(module, {}):
             raise CorruptAdapterFile(f"{path}: {module}.{part} appears twice")
-        parts[module][part] = tensor
+        parts[module][part] = key
     if not parts:
         raise MissingWeights(f"{path}: holds no LoRA weights")
-    modules = {}
+    budget = MatchBudget()  # one budget for all of this file's pattern matching
+    plan = {}
     for module in sorted(parts):
         found = parts[module]
         for part in ("lora_A", "lora_B"):
             if part not in found:
                 raise MissingWeights(f"{path}: {module} has no {part}.weight")
-        a, b = found["lora_A"], found["lora_B"]  # PEFT layout: a [r, in], b [out, r]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        a, b = tensors[found["lora_A"]].shape, tensors[found["lora_B"]].shape
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:  # PEFT layout: a [r, in], b [out, r]
             raise ShapeMismatch(
-                f"{path}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
+                f"{path}: {module} has lora_A {list(a)} and lora_B {list(b)}; "
                 "need lora_A [r, in] and lora_B [out, r]"
             )
-        r = config.rank_for(module)
-        if a.shape[0] != r:
+        try:
+            r, scale = config.rank_for(module, budget), config.scale_for(module, budget)
+        except PatternError as e:
+            raise InvalidAdapterConfig(f"{path}: {e}") from None
+        if a[0] != r:
             raise ShapeMismatch(
-                f"{path}: {module} has rank {a.shape[0]} in the file but the config gives r={r}"
+                f"{path}: {module} has rank {a[0]} in the file but the config gives r={r}"
             )
+        if not abs(scale) <= MAX_SCALE:  # also catches NaN
+            raise InvalidAdapterConfig(
+                f"{path}: {module} gets scale {scale:g} (lora_alpha / r, after rank_pattern, "
+                f"alpha_pattern and use_rslora): a scale that is not finite or over "
+                f"{MAX_SCALE:g} in magnitude cannot be a trained LoRA"
+            )
+        plan[module] = (found["lora_A"], found["lora_B"], scale)
+    return plan
+
+
+def _modules_from_body(
+    plan: _Plan, header: _Header, body: np.ndarray, path: Path
+) -> dict[str, LoRAWeights]:
+    modules = {}
+    for module, (a_key, b_key, scale) in plan.items():
+        a = _tensor(body, a_key, header.tensors[a_key], path)  # [r, in]
+        b = _tensor(body, b_key, header.tensors[b_key], path)  # [out, r]
         # Views, not copies: the serving slot tables store A as [r, in] and B as [r, out]
         # rows, so filling a slot from the file's layout is a plain copy (copying here cost a
         # third of reading an adapter).
-        modules[module] = LoRAWeights(A=a.T, B=b.T, scale=config.scale_for(module))
+        modules[module] = LoRAWeights(A=a.T, B=b.T, scale=scale)
     return modules
 
 
@@ -702,7 +955,9 @@ def validate_adapter(
     """Raise the specific ``InvalidAdapter`` if ``adapter`` cannot run on this base model.
 
     ``shapes``: the base's linear layers, name -> (in_features, out_features) (``linear_shapes``).
-    The fingerprint is only compared when both sides know one (PEFT folders carry none).
+    The fingerprint is only compared when both sides know one (PEFT folders carry none). The
+    config's patterns are matched within one ``MatchBudget``; one too costly to match is an
+    ``InvalidAdapterConfig``.
     """
     where = f"adapter {adapter.name!r}"
     theirs = adapter.config.base_fingerprint
@@ -725,7 +980,12 @@ def validate_adapter(
                 f"adapter's A is [{w.A.shape[0]}, r] and B [r, {w.B.shape[1]}] (in -> out)"
             )
     if adapter.config.target_modules is not None:
-        missing = {n for n in shapes if adapter.config.targets(n)} - set(adapter.modules)
+        budget = MatchBudget()
+        try:
+            targeted = {n for n in shapes if adapter.config.targets(n, budget)}
+        except PatternError as e:
+            raise InvalidAdapterConfig(f"{where}: {e}") from None
+        missing = targeted - set(adapter.modules)
         if missing:
             raise MissingWeights(
                 f"{where}: target_modules={_show_targets(adapter.config.target_modules)} "

@@ -30,10 +30,13 @@ Two shapes of the same math live here:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 
+import regex
 import torch
 from torch import Tensor, nn
 
@@ -132,21 +135,140 @@ class LinearWithLoRA(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Module-name patterns: one bounded matcher
+#
+# PEFT's patterns (a target_modules / exclude_modules string, rank_pattern and alpha_pattern keys,
+# layers_pattern) come from adapter files and command-line flags, so they are hostile: a pattern
+# like (a|aa)+$ backtracks for minutes in Python's re, holding the GIL all along. They all run
+# here, on the `regex` package instead: with VERSION0 it reads a pattern as re does (re is PEFT's
+# engine), its matches take a timeout and release the GIL, so a costly pattern costs one loader
+# thread a bounded time and stalls no other thread.
+
+MATCH_BUDGET_S = 0.5  # matching time for all the patterns of one adapter file or one flag
+# `regex` unrolls counted repeats when it compiles: (?:a{1000}){1000} takes 2 GB and seconds to
+# compile, before any timeout applies. Bound on len(pattern) x the product of all minimum counts,
+# which over-estimates the unrolled size; at the bound a compile costs under 10 MB and 20 ms.
+MAX_UNROLLED = 1 << 16
+
+_COUNTED_REPEAT = re.compile(r"\{(\d+)(?:,\d*)?\}")
+# Where regex VERSION0 and re read the same text differently: regex takes "{e<=1}"-style braces
+# as fuzzy matching and "[[:alpha:]]" as a POSIX class, re takes both literally. Refused, so a
+# pattern always means what it means to PEFT.
+_NOT_RE_SYNTAX = re.compile(r"\{(?!\d*(?:,\d*)?\})|\[:")
+
+
+class PatternError(ValueError):
+    """A module-name pattern we will not run: invalid, not re's syntax, or too costly."""
+
+
+class MatchBudget:
+    """The time left for matching the patterns of one file (or flag).
+
+    One budget threaded through every match of a read bounds the read's total matching time,
+    however many patterns and module names the file holds: at most ``seconds`` plus the
+    overshoot of the one match that times out (`regex` looks at its clock every so many steps;
+    a few tens of ms past a 0.5 s timeout).
+    """
+
+    def __init__(self, seconds: float = MATCH_BUDGET_S):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def compile_pattern(pattern: str, template: str = "{}", what: str = "pattern") -> regex.Pattern:
+    """``template.format(pattern)`` compiled by `regex` to mean what it means to ``re``.
+
+    ``template`` wraps a pattern the way PEFT uses it (``(.*\\.)?({})$`` for a pattern key);
+    ``what`` names the pattern in errors. Raises ``PatternError``: not a string, syntax that
+    regex and re read differently, counted repeats too large to compile, or invalid for re.
+    """
+    if not isinstance(pattern, str):
+        raise PatternError(f"{what} {pattern!r} is not a string")
+    try:
+        return _compile(template.format(pattern))
+    except PatternError as e:
+        raise PatternError(f"{what} {pattern!r} {e}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(source: str) -> regex.Pattern:
+    """Raises ``PatternError`` with the reason alone; ``compile_pattern`` names the pattern."""
+    if _NOT_RE_SYNTAX.search(source):
+        raise PatternError(
+            "uses syntax that Python's re reads differently ('{' not starting a counted repeat "
+            "such as {2} or {1,3}, or a '[:' POSIX class)"
+        )
+    if _unrolled_size(source) > MAX_UNROLLED:
+        raise PatternError(
+            f"has counted repeats too large to compile (over {MAX_UNROLLED} characters once "
+            "unrolled)"
+        )
+    try:
+        re.compile(source)  # PEFT's engine must accept it too
+        return regex.compile(source, flags=regex.VERSION0)
+    except (re.error, regex.error) as e:
+        raise PatternError(f"is not a valid regex ({e})") from None
+
+
+def _unrolled_size(source: str) -> int:
+    """An over-estimate of ``source``'s size once `regex` has unrolled its counted repeats."""
+    size = len(source)
+    for count in _COUNTED_REPEAT.findall(source):
+        size *= max(int(count), 1) if len(count) <= 6 else MAX_UNROLLED + 1
+        if size > MAX_UNROLLED:
+            break
+    return size
+
+
+def bounded_match(
+    pattern: str,
+    name: str,
+    budget: MatchBudget | None = None,
+    *,
+    template: str = "{}",
+    full: bool = False,
+    what: str = "pattern",
+) -> regex.Match | None:
+    """``re.fullmatch`` (``full``) or ``re.match`` of ``template.format(pattern)`` on ``name``.
+
+    Within what is left of ``budget`` (a fresh ``MatchBudget`` when None); ``PatternError`` when
+    the pattern is refused (see ``compile_pattern``) or the budget runs out.
+    """
+    compiled = compile_pattern(pattern, template, what)
+    budget = MatchBudget() if budget is None else budget
+    left = budget.left()
+    if left > 0:
+        match = compiled.fullmatch if full else compiled.match
+        try:
+            return match(name, timeout=left, concurrent=True)
+        except TimeoutError:
+            pass
+    raise PatternError(
+        f"{what} {pattern!r} was too costly to match: matching it against {name!r} ran past "
+        f"the {budget.seconds:g} s budget for one file's (or flag's) patterns"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Finding and swapping layers
 
 
-def match_target(name: str, targets: Targets) -> bool:
+def match_target(name: str, targets: Targets, *, budget: MatchBudget | None = None) -> bool:
     """Does module ``name`` match ``targets``, with PEFT's ``target_modules`` semantics?
 
     - a list of names: the module name equals one, or ends with ``"." + one``;
-    - a string: a regular expression the whole module name must match;
+    - a string: a regular expression the whole module name must match (``bounded_match``: a
+      pattern too costly to match raises ``PatternError``, a ``ValueError``);
     - ``"all-linear"``: every module (the caller restricts to Linear) except the output head;
     - ``None``: everything but the output head, like ``"all-linear"``.
     """
     if targets is None or targets == ALL_LINEAR:
         return name.rsplit(".", 1)[-1] not in _OUTPUT_HEADS
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return bounded_match(targets, name, budget, full=True) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
