@@ -80,7 +80,9 @@ PEFT_PREFIX = "base_model.model."
 
 # Memory-bomb caps: checked against the file size before anything is read or allocated.
 MAX_ADAPTER_BYTES = 4 << 30
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+# safetensors allows 100 MB, which parses into ~1 GB of Python objects; an adapter header is a
+# few hundred bytes per tensor (8 MiB: ~50k tensors, far above any real adapter)
+MAX_HEADER_BYTES = 8 << 20
 MAX_CONFIG_BYTES = 1 << 20
 # What a file may make us compile and match (the time is bounded by lora.MATCH_BUDGET_S per
 # read; these keep each step small and every message short). Real configs hold a few patterns
@@ -1035,8 +1037,11 @@ def _peft_tensors(modules: dict[str, LoRAWeights]) -> dict[str, Tensor]:
 
 
 def _check_scales(adapter: Adapter) -> None:
-    """The file stores r/alpha, not scales: refuse to write what could not be read back."""
+    """The file stores r/alpha, not scales, and every reader refuses NaN or huge weights:
+    refuse to write what could not be read back (a diverged training run, say)."""
     for module, w in adapter.modules.items():
+        for part, t in (("lora_A", w.A), ("lora_B", w.B)):
+            _check_weights(t, f"{PEFT_PREFIX}{module}.{part}.weight", Path(adapter.name))
         want = adapter.config.scale_for(module)
         if not math.isclose(w.scale, want, rel_tol=1e-9):
             raise ValueError(

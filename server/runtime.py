@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from adapters.demo_paths import demo_adapters_dir, demo_base_dir
-from adapters.format import Adapter, validate_adapter
+from adapters.format import Adapter, WeightsOutOfRange, validate_adapter
 from adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from adapters.models import KVCache, load_model
 from server.adapter_cache import AdapterCache, HostCache
@@ -226,10 +226,19 @@ class Runtime:
         )
 
     def check_adapter(self, adapter: Adapter) -> None:
-        """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers."""
+        """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers
+        and its scale folded into B stays finite in the serving dtype."""
         validate_adapter(
             adapter, self.lora_shapes, self.loaded.fingerprint, self.config.max_lora_rank
         )
+        limit = torch.finfo(self.dtype).max
+        for module, w in adapter.modules.items():
+            folded = float(w.B.abs().max()) * abs(w.scale)
+            if folded > limit:
+                raise WeightsOutOfRange(
+                    f"adapter {adapter.name!r}: {module}'s B times its scale {w.scale:g} reaches "
+                    f"{folded:.3g}, over {str(self.dtype).removeprefix('torch.')}'s largest value"
+                )
 
     def residency(self) -> dict[str, int]:
         return {"disk": len(self.registry.entries()), **self.cache.resident()}

@@ -509,3 +509,14 @@ def test_unaligned_tensors_are_read_exactly_and_aligned(tmp_path):
     w = read_adapter(path).modules[MODULE]
     assert torch.equal(w.A, a.T) and torch.equal(w.B, b.T)
     assert w.B.data_ptr() % 4 == 0  # copied to aligned memory, not a view at an odd address
+
+
+def test_writers_refuse_what_readers_would_refuse(tmp_path):
+    """A diverged training run fails when it writes, not later when a server reads the file."""
+    weights = {MODULE: (torch.full((HIDDEN, 4), float("nan")), torch.zeros(4, HIDDEN))}
+    adapter = build_adapter("diverged", LoRAConfig(r=4, lora_alpha=8), weights)
+    with pytest.raises(NonFiniteWeights, match="lora_A"):
+        write_adapter(tmp_path / "diverged.safetensors", adapter)
+    with pytest.raises(NonFiniteWeights):
+        write_peft(tmp_path / "diverged", adapter)
+    assert not list(tmp_path.iterdir())

@@ -6,6 +6,7 @@ other tenants anything; hostile requests are refused before they cost anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,10 +18,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import server.registry
-from adapters.format import CONFIG_KEY, FORMAT_VERSION, _peft_tensors, _serialize, write_adapter
+from adapters.format import (
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    LoRAWeights,
+    _peft_tensors,
+    _serialize,
+    write_adapter,
+)
 from protos.loraserve.v1 import inference_pb2 as pb
 from server.resources import available_cpus, parse_bytes
 from server.runtime import Runtime
@@ -172,19 +181,28 @@ def test_hostile_files_found_at_run_time_are_listed_and_counted(tmp_path, model_
         srv.stop()
 
 
-def test_a_bad_file_over_an_evicted_adapter_fails_fast_without_a_reload_loop(
-    tmp_path, model_dir, good, caplog
-):
+def evicted_server(tmp_path, model_dir, good) -> tuple[Path, ServerThread]:
+    """A server with one device slot and one host-cache entry, on which good-0 has been served
+    and then pushed out of both by good-1: its next request reads the disk again."""
     folder = tmp_path / "adapters"
     folder.mkdir()
     for a in good:
         write_adapter(folder / f"{a.name}.safetensors", a)
-    cfg = serving_config(model_dir, folder, max_active_adapters=1, max_cached_adapters=1)
-    srv = ServerThread(cfg)
+    srv = ServerThread(
+        serving_config(model_dir, folder, max_active_adapters=1, max_cached_adapters=1)
+    )
+    stub = srv.stub()
+    generate(stub, "good-0")
+    generate(stub, "good-1")
+    return folder, srv
+
+
+def test_a_bad_file_over_an_evicted_adapter_fails_fast_without_a_reload_loop(
+    tmp_path, model_dir, good, caplog
+):
+    folder, srv = evicted_server(tmp_path, model_dir, good)
     try:
         stub = srv.stub()
-        generate(stub, "good-0")
-        generate(stub, "good-1")  # good-0 leaves the device slot and host memory
         crafted(good[0], folder / "good-0.safetensors", {"layers_pattern": 5})
         wait_for(lambda: listed(stub)["good-0"].error, timeout=10)
         loads = srv.runtime.metrics.loads.labels("invalid")
@@ -204,16 +222,9 @@ def test_a_bad_file_over_an_evicted_adapter_fails_fast_without_a_reload_loop(
 
 
 def test_a_transient_read_failure_heals_without_a_restart(tmp_path, model_dir, good, monkeypatch):
-    folder = tmp_path / "adapters"
-    folder.mkdir()
-    for a in good:
-        write_adapter(folder / f"{a.name}.safetensors", a)
-    cfg = serving_config(model_dir, folder, max_active_adapters=1, max_cached_adapters=1)
-    srv = ServerThread(cfg)
+    folder, srv = evicted_server(tmp_path, model_dir, good)
     try:
         stub = srv.stub()
-        generate(stub, "good-0")
-        generate(stub, "good-1")  # good-0 must come from disk again
         real = server.registry.read_adapter
 
         def denied(path, *args, **kwargs):
@@ -456,3 +467,23 @@ def test_events_resume_after_the_folder_is_deleted_and_created_again(tmp_path, m
         wait_for(lambda: "good-1" in listed(srv.stub()), timeout=10)
     finally:
         srv.stop()
+
+
+def test_a_scale_that_overflows_the_serving_dtype_is_refused(tmp_path, model_dir, good):
+    """Each weight fits float16, but B times the scale does not: refused when serving fp16."""
+    big = dataclasses.replace(
+        good[0],
+        name="overflow",
+        modules={
+            n: LoRAWeights(w.A, torch.full_like(w.B, 60_000.0), w.scale)
+            for n, w in good[0].modules.items()
+        },
+    )
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    write_adapter(folder / "overflow.safetensors", big)
+    runtime = Runtime(serving_config(model_dir, folder, dtype="float16")).start()
+    try:
+        assert "float16's largest value" in runtime.registry.errors()["overflow"]
+    finally:
+        runtime.stop()

@@ -126,7 +126,11 @@ def test_a_row_with_nan_logits_fails_alone_in_the_engine():
         drain(engine)
         solo.append(h.result().token_ids)
     handles = [engine.submit(req(p, n=4, temperature=0.8, seed=3)) for p in ([1], [5], [9])]
-    broken = [engine.submit(req([18], n=4)), engine.submit(req([19], n=4, temperature=1.0))]
+    broken = [  # NaN at the prefill (sampled and greedy), and at a later decode step
+        engine.submit(req([20], n=4, temperature=1.0)),
+        engine.submit(req([20], n=4)),
+        engine.submit(req([18], n=4)),
+    ]
     drain(engine)
     assert [h.result().token_ids for h in handles] == solo
     for h in broken:
