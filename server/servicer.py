@@ -130,19 +130,17 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         except UnencodableText as err:
             raise InvalidRequest("prompt", str(err)) from None
 
-    def _engine(self):
-        if self.runtime is None:
-            raise ShuttingDown("the model is still loading")
-        return self.runtime.engine
-
     # ------------------------------------------------------------------ handlers
+    #
+    # Each handler converts and nothing else: ``add_to_server`` wraps every one of them with
+    # the shared parts (refusing bad bytes, UNAVAILABLE while the model loads, mapping errors to
+    # status codes, metrics and the request log line), so a new RPC is one method.
 
     async def _events(self, request: pb.GenerateRequest, context):
         """Submit to the engine and yield its events; cancels the request if we stop early."""
-        engine = self._engine()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        handle = engine.submit(
+        handle = self.runtime.engine.submit(
             await self.request_from_pb(request, context),
             on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
         )
@@ -159,43 +157,23 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
                 handle.cancel()
 
     async def Generate(self, request, context):
-        t0, code = time.monotonic(), grpc.StatusCode.OK
-        try:
-            text, ids, last = [], [], None
-            async for event in self._events(request, context):
-                if isinstance(event, TokenEvent):
-                    text.append(event.text)
-                    ids.extend(event.token_ids)
-                else:
-                    last = event
-            return pb.GenerateResponse(
-                text="".join(text), token_ids=ids, **self._finish_fields(request, last)
-            )
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as err:
-            code = status_for(err)
-            await self._abort(context, err, code)
-        finally:
-            self._record("Generate", request, code, t0)
+        text, ids, last = [], [], None
+        async for event in self._events(request, context):
+            if isinstance(event, TokenEvent):
+                text.append(event.text)
+                ids.extend(event.token_ids)
+            else:
+                last = event
+        return pb.GenerateResponse(
+            text="".join(text), token_ids=ids, **self._finish_fields(request, last)
+        )
 
     async def GenerateStream(self, request, context):
-        t0, code = time.monotonic(), grpc.StatusCode.OK
-        try:
-            async for event in self._events(request, context):
-                if isinstance(event, TokenEvent):
-                    yield pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
-                else:
-                    yield pb.GenerateStreamResponse(**self._finish_fields(request, event))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as err:
-            code = status_for(err)
-            await self._abort(context, err, code)
-        finally:
-            self._record("GenerateStream", request, code, t0)
+        async for event in self._events(request, context):
+            if isinstance(event, TokenEvent):
+                yield pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+            else:
+                yield pb.GenerateStreamResponse(**self._finish_fields(request, event))
 
     def _finish_fields(self, request: pb.GenerateRequest, event: FinishEvent) -> dict:
         return dict(
@@ -207,16 +185,8 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             request_id=request.request_id,
         )
 
-    async def _abort(self, context, err: Exception, code: grpc.StatusCode) -> None:
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("request failed unexpectedly", exc_info=err)
-            details = f"internal error: {type(err).__name__}: {err}"
-        else:
-            details = str(err)
-        await context.abort(code, details)  # raises
-
-    def _record(self, method: str, request, code: grpc.StatusCode, t0: float) -> None:
-        seconds = time.monotonic() - t0
+    def record(self, method: str, request, code: grpc.StatusCode, seconds: float) -> None:
+        """Metrics and one log line for a finished generation call."""
         # the id is the caller's (the proto promises it is logged); %r keeps it on one line
         log.info(
             "%s request_id=%r adapter=%r: %s in %.3fs",
@@ -231,8 +201,6 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     async def ListAdapters(self, request, context):
         runtime = self.runtime
-        if runtime is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         device = runtime.cache.device_versions()
         host = runtime.host.versions()
         infos = []
@@ -260,8 +228,6 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     async def GetServerInfo(self, request, context):
         runtime = self.runtime
-        if runtime is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         cfg, stats = runtime.config, runtime.engine.stats()
         return pb.ServerInfo(
             base_model=self.model_name or cfg.model,
@@ -305,33 +271,76 @@ def _lenient(message_cls):
     return parse
 
 
-async def _refuse_malformed(request: Malformed, context) -> None:
-    log.warning("refused a request that does not parse: %s", request.message)
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+class MalformedRequest(InvalidRequest):
+    def __init__(self, request: Malformed):
+        ServingError.__init__(self, request.message)
+        self.field = ""
 
 
-def _guarded(fn, streaming: bool):
+def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
+    """The shared part of every handler: bad bytes, loading, status codes, metrics, logs."""
+    fn = getattr(servicer, name)
+    generation = name.startswith("Generate")  # requests that name an adapter: metered
+
+    def check(request) -> None:
+        if isinstance(request, Malformed):
+            log.warning("refused a request that does not parse: %s", request.message)
+            raise MalformedRequest(request)
+        if servicer.runtime is None:
+            raise ShuttingDown("the model is still loading")
+
+    async def fail(context, err: Exception, code: grpc.StatusCode) -> None:
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed unexpectedly", name, exc_info=err)
+            details = f"internal error: {type(err).__name__}: {err}"
+        else:
+            details = str(err)
+        await context.abort(code, details)  # raises
+
+    def done(request, code: grpc.StatusCode, t0: float) -> None:
+        if generation and not isinstance(request, Malformed):
+            servicer.record(name, request, code, time.monotonic() - t0)
+
     if streaming:
 
         async def stream_handler(request, context):
-            if isinstance(request, Malformed):
-                await _refuse_malformed(request, context)
-            async for response in fn(request, context):
-                yield response
+            t0, code = time.monotonic(), grpc.StatusCode.OK
+            try:
+                check(request)
+                async for response in fn(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as err:
+                code = status_for(err)
+                await fail(context, err, code)
+            finally:
+                done(request, code, t0)
 
         return stream_handler
 
     async def unary_handler(request, context):
-        if isinstance(request, Malformed):
-            await _refuse_malformed(request, context)
-        return await fn(request, context)
+        t0, code = time.monotonic(), grpc.StatusCode.OK
+        try:
+            check(request)
+            return await fn(request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as err:
+            code = status_for(err)
+            await fail(context, err, code)
+        finally:
+            done(request, code, t0)
 
     return unary_handler
 
 
 def add_to_server(servicer: LoraInferenceServicer, server) -> None:
-    """Register ``servicer`` on ``server``, as the generated ``add_LoraInferenceServicer_to_server``
-    does, but with every request parsed leniently so that bad bytes get INVALID_ARGUMENT."""
+    """Register ``servicer`` on ``server`` as the generated ``add_LoraInferenceServicer_to_server``
+    does, with every handler wrapped by ``_wrap`` and every request parsed leniently (bad bytes
+    get INVALID_ARGUMENT, not UNKNOWN and a traceback)."""
     service = pb.DESCRIPTOR.services_by_name["LoraInference"]
     handlers = {}
     for method in service.methods:
@@ -343,7 +352,7 @@ def add_to_server(servicer: LoraInferenceServicer, server) -> None:
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = make(
-            _guarded(getattr(servicer, method.name), method.server_streaming),
+            _wrap(servicer, method.name, method.server_streaming),
             request_deserializer=_lenient(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
