@@ -207,9 +207,6 @@ class AdapterCache:
         """Versions in device slots (any thread)."""
         return self._on_device
 
-    def pinned_slots(self) -> dict[int, int]:
-        return {s: n for s, n in self._refs.items() if n}
-
     def _pin(self, slot: int) -> None:
         self._refs[slot] = self._refs.get(slot, 0) + 1
         self._idle.pop(slot, None)
@@ -238,10 +235,6 @@ class AdapterCache:
         self._on_device = frozenset(self._slot_of)
 
     # ------------------------------------------------------------ host tier, loader thread
-
-    def offer(self, adapter: Adapter) -> None:
-        """A freshly deployed adapter the registry just read: keep it warm in host memory."""
-        self.host.put(adapter)
 
     def _load_in_background(self, entry: AdapterEntry) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ from adapters.format import Adapter, WeightsOutOfRange, validate_adapter
 from adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from adapters.models import KVCache, load_model
 from server.adapter_cache import AdapterCache, HostCache
-from server.engine import Engine, EngineConfig
+from server.config import ServerConfig
+from server.engine import Engine
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
 from server.resources import (
@@ -39,48 +40,11 @@ from server.resources import (
 )
 from server.watcher import AdapterWatcher
 
+__all__ = ["SERVER_VERSION", "Runtime", "ServerConfig"]
+
 log = logging.getLogger(__name__)
 
 SERVER_VERSION = "0.1.0"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    model: str = "demo"  # "demo" or a Hugging Face folder
-    adapters_dir: Path | None = None  # None: the demo adapters, read-only, when model == demo
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int | None = 9400  # None: no metrics endpoint; 0: any free port
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    max_active_adapters: int = 16  # device slots
-    max_cached_adapters: int = 64  # host-memory LRU, count bound
-    max_cached_bytes: int = 4 << 30  # host-memory LRU, byte bound
-    max_lora_rank: int = 64
-    lora_targets: str = "all-linear"  # which base layers get slot tables
-    lora_backend: str = "gather"  # see adapters.lora.BatchedLoRALinear; bench/engine.py
-    max_batch_size: int = 32
-    max_seq_len: int = 1024
-    max_queue: int = 256
-    prefill_token_budget: int = 2048
-    max_adapter_labels: int = 100
-    watch_poll_interval: float = 5.0
-    watch_debounce: float = 0.25
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    drain_grace: float = 30.0
-    threads: int | None = None  # torch CPU threads; None: the CPUs this process may use
-    max_memory: int | None = None  # bytes the memory plan may take; None: the device's free
-    health_port: int | None = None  # plaintext gRPC health-only port (probes next to TLS)
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            max_batch_size=self.max_batch_size,
-            max_seq_len=self.max_seq_len,
-            max_queue=self.max_queue,
-            prefill_token_budget=self.prefill_token_budget,
-        )
 
 
 def pick_device(name: str) -> torch.device:

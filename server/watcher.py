@@ -112,9 +112,7 @@ class AdapterWatcher:
         folder may reuse the old inode number, so a watch whose emitter stopped (inotify ends
         it when the watched folder goes) counts as gone too."""
         folder = _folder_identity(self.directory)
-        dead = self._observer is not None and not all(
-            e.is_alive() for e in self._observer.emitters
-        )
+        dead = self._observer is not None and not all(e.is_alive() for e in self._observer.emitters)
         if folder == self._folder and not dead:
             return
         log.warning(

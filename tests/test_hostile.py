@@ -487,3 +487,26 @@ def test_a_scale_that_overflows_the_serving_dtype_is_refused(tmp_path, model_dir
         assert "float16's largest value" in runtime.registry.errors()["overflow"]
     finally:
         runtime.stop()
+
+
+def test_every_config_field_is_a_flag_and_round_trips():
+    import argparse
+    import dataclasses
+
+    from server.config import ServerConfig, add_arguments, flag_name, from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_args(parser.parse_args([])) == ServerConfig()
+    config = from_args(
+        parser.parse_args(
+            ["--adapters", "/srv/a", "--metrics-port", "-1", "--max-cached-bytes", "2GiB"]
+            + ["--threads", "3", "--lora-backend", "loop", "--watch-debounce", "0.5"]
+        )
+    )
+    assert config.adapters_dir == Path("/srv/a") and config.metrics_port is None
+    assert config.max_cached_bytes == 2 << 30 and config.threads == 3
+    assert config.lora_backend == "loop" and config.watch_debounce == 0.5
+    text = parser.format_help()
+    for f in dataclasses.fields(ServerConfig):
+        assert flag_name(f) in text and f.metadata["help"][:20] in " ".join(text.split())
