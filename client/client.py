@@ -22,6 +22,8 @@ Contract shared by both:
   repeat it. No other code is retried; RESOURCE_EXHAUSTED is left to the caller.
 - Readiness. ``wait_ready(timeout)`` polls the standard health service until the server says
   SERVING (its port opens seconds before the model is loaded), or raises ``UnavailableError``.
+- One core. What each method sends and how its answer is read is written once (``Calls``);
+  the two clients differ only in how they run a call: blocking, or awaited.
 - Streams. Closing the iterator early (``break`` out of the loop, ``close()`` / ``aclose()``,
   or dropping it) cancels the RPC, and the server frees the sequence at once.
 """
@@ -29,9 +31,11 @@ Contract shared by both:
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import random
 import time
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,36 +128,26 @@ class Deadline:
         return None if self._end is None else max(0.0, self._end - time.monotonic())
 
 
-class LoraClient:
-    """Blocking client. Use as a context manager, or call ``close()``.
+@dataclass(frozen=True)
+class Call:
+    """One RPC as both clients make it: the stub method, the request, the routing metadata,
+    how the response becomes the caller's type, and the call's own timeout (None: the
+    client's)."""
 
-    >>> with LoraClient("localhost:50051") as client:
-    ...     print(client.generate("Translate to SQL: all users", adapter="sql").text)
-    """
+    rpc: str
+    request: Any
+    metadata: tuple[tuple[str, str], ...] = ()
+    decode: Callable[[Any], Any] = lambda response: response
+    timeout: float | None = None
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        timeout: float | None = None,
-        retries: int = 1,
-        options: ChannelOptions = (),
-    ):
-        credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=list(options))
-        self._stub = inference_pb2_grpc.LoraInferenceStub(self._channel)
-        self._timeout = timeout
-        self._retry = RetryPolicy(retries=retries)
 
+class Calls:
+    """The public methods, written once: arguments -> the ``Call`` to make. ``LoraClient`` and
+    ``AsyncLoraClient`` turn each into a method that runs it (``_method``), blocking or awaited.
+    The return annotations are those of the methods, which is what readers of the docs see."""
+
+    @staticmethod
     def generate(
-        self,
         prompt: Prompt,
         adapter: str = "",
         *,
@@ -169,11 +163,10 @@ class LoraClient:
         """Generate a whole completion with ``adapter`` ("" = the base model)."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
         request = generate_request(prompt, adapter, params, request_id)
-        response = self._unary(self._stub.Generate, request, adapter_metadata(adapter), timeout)
-        return Completion.from_pb(response)
+        return Call("Generate", request, adapter_metadata(adapter), Completion.from_pb, timeout)
 
+    @staticmethod
     def stream(
-        self,
         prompt: Prompt,
         adapter: str = "",
         *,
@@ -185,48 +178,122 @@ class LoraClient:
         stop: str | Sequence[str] = (),
         request_id: str = "",
         timeout: float | None = None,
-    ) -> Generator[StreamChunk, None, None]:
-        """Generate a completion chunk by chunk; the RPC starts on the first ``next()``.
-
-        Closing the iterator before the last chunk cancels the RPC.
-        """
+    ) -> Generator[StreamChunk, None, None] | AsyncGenerator[StreamChunk, None]:
+        """Generate a completion chunk by chunk (``for``, or ``async for`` on the async client);
+        the RPC starts with the first chunk asked for. Leaving the loop early, ``close()`` or
+        ``aclose()`` cancels the RPC."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
         request = generate_request(prompt, adapter, params, request_id)
-        return self._stream(request, adapter_metadata(adapter), self._deadline(timeout))
+        metadata = adapter_metadata(adapter)
+        return Call("GenerateStream", request, metadata, StreamChunk.from_pb, timeout)
 
-    def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+    @staticmethod
+    def list_adapters(*, timeout: float | None = None) -> list[AdapterInfo]:
         """The adapters the server can serve, with their cache state."""
-        response = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), (), timeout)
-        return [AdapterInfo.from_pb(info) for info in response.adapters]
 
-    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        def decode(response) -> list[AdapterInfo]:
+            return [AdapterInfo.from_pb(info) for info in response.adapters]
+
+        return Call("ListAdapters", pb.ListAdaptersRequest(), (), decode, timeout)
+
+    @staticmethod
+    def server_info(*, timeout: float | None = None) -> ServerInfo:
         """The server's base model, device, limits and current load."""
-        response = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), (), timeout)
-        return ServerInfo.from_pb(response)
+        return Call("GetServerInfo", pb.GetServerInfoRequest(), (), ServerInfo.from_pb, timeout)
+
+
+def _method(build, run_name: str):
+    """A client method from a ``Calls`` builder: same signature and docs, runs its ``Call``
+    with the client's ``run_name`` method."""
+
+    @functools.wraps(build)
+    def method(self, *args, **kwargs):
+        return getattr(self, run_name)(build(*args, **kwargs))
+
+    params = list(inspect.signature(build).parameters.values())
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = inspect.signature(build).replace(parameters=[self_param, *params])
+    return method
+
+
+class _ClientCore:
+    """The channel, stub, default timeout and retry policy both clients hold. ``_channels`` is
+    where channels come from: the ``grpc`` module (blocking) or ``grpc.aio``."""
+
+    _channels: Any = grpc
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        timeout: float | None = None,
+        retries: int = 1,
+        options: ChannelOptions = (),
+    ):
+        credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
+        channels = self._channels
+        if credentials is None:
+            self._channel = channels.insecure_channel(target, options=list(options))
+        else:
+            self._channel = channels.secure_channel(target, credentials, options=list(options))
+        self._stub = inference_pb2_grpc.LoraInferenceStub(self._channel)
+        self._timeout = timeout
+        self._retry = RetryPolicy(retries=retries)
+
+    def _deadline(self, call: Call) -> Deadline:
+        return Deadline(self._timeout if call.timeout is None else call.timeout)
+
+    def _health_check(self, timeout: float):
+        return health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
+        )
+
+
+def _not_ready(timeout: float, last: str) -> UnavailableError:
+    return UnavailableError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"server not ready after {timeout:g}s (last health answer: {last})",
+    )
+
+
+def _health_answer(reply) -> str | None:
+    """None when SERVING, else the status name."""
+    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+        return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class LoraClient(_ClientCore):
+    """Blocking client. Use as a context manager, or call ``close()``.
+
+    >>> with LoraClient("localhost:50051") as client:
+    ...     print(client.generate("Translate to SQL: all users", adapter="sql").text)
+    """
+
+    _channels = grpc
+
+    generate = _method(Calls.generate, "_unary")
+    stream = _method(Calls.stream, "_stream")
+    list_adapters = _method(Calls.list_adapters, "_unary")
+    server_info = _method(Calls.server_info, "_unary")
 
     def wait_ready(self, timeout: float = 60.0, interval: float = 0.2) -> None:
         """Block until the server's health service says SERVING; ``UnavailableError`` after
-        ``timeout`` seconds (the last reason is in its details)."""
-        health = health_pb2_grpc.HealthStub(self._channel)
-        end = time.monotonic() + timeout
-        last = "no answer"
+        ``timeout`` seconds (the last answer is in its details)."""
+        end, last = time.monotonic() + timeout, "no answer"
         while True:
-            left = end - time.monotonic()
             try:
-                reply = health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                    timeout=max(0.05, min(left, 5.0)),
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                last = _health_answer(self._health_check(max(0.05, end - time.monotonic())))
+                if last is None:
                     return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.RpcError as exc:
-                last = f"{status_code_of(exc).name}"
+                last = status_code_of(exc).name
             if time.monotonic() + interval > end:
-                raise UnavailableError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"server not ready after {timeout:g}s (last health answer: {last})",
-                )
+                raise _not_ready(timeout, last)
             time.sleep(interval)
 
     def close(self) -> None:
@@ -238,15 +305,15 @@ class LoraClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _deadline(self, timeout: float | None) -> Deadline:
-        return Deadline(self._timeout if timeout is None else timeout)
-
-    def _unary(self, method, request, metadata, timeout: float | None):
-        deadline = self._deadline(timeout)
-        attempt = 0
+    def _unary(self, call: Call):
+        deadline, attempt = self._deadline(call), 0
+        method = getattr(self._stub, call.rpc)
         while True:
             try:
-                return method(request, timeout=deadline.remaining(), metadata=metadata)
+                response = method(
+                    call.request, timeout=deadline.remaining(), metadata=call.metadata
+                )
+                return call.decode(response)
             except grpc.RpcError as exc:
                 delay = self._retry.delay(exc, attempt, deadline.remaining())
                 if delay is None:
@@ -254,17 +321,17 @@ class LoraClient:
             time.sleep(delay)
             attempt += 1
 
-    def _stream(self, request, metadata, deadline: Deadline) -> Generator[StreamChunk, None, None]:
-        attempt = 0
+    def _stream(self, call: Call) -> Generator[StreamChunk, None, None]:
+        deadline, attempt = self._deadline(call), 0
         while True:
-            call = self._stub.GenerateStream(
-                request, timeout=deadline.remaining(), metadata=metadata
+            rpc = self._stub.GenerateStream(
+                call.request, timeout=deadline.remaining(), metadata=call.metadata
             )
             received = False
             try:
-                for response in call:
+                for response in rpc:
                     received = True
-                    yield StreamChunk.from_pb(response)
+                    yield call.decode(response)
                 return
             except grpc.RpcError as exc:
                 delay = None if received else self._retry.delay(exc, attempt, deadline.remaining())
@@ -273,12 +340,12 @@ class LoraClient:
             finally:
                 # A no-op once the call has ended; otherwise the caller closed us early
                 # (GeneratorExit at the yield) and the server must stop generating.
-                call.cancel()
+                rpc.cancel()
             time.sleep(delay)
             attempt += 1
 
 
-class AsyncLoraClient:
+class AsyncLoraClient(_ClientCore):
     """``grpc.aio`` client with the methods of ``LoraClient`` as coroutines; ``stream`` returns
     an async iterator. Create it inside the running event loop; ``async with`` or
     ``await close()``.
@@ -288,79 +355,26 @@ class AsyncLoraClient:
     ...         print(chunk.text, end="", flush=True)
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        timeout: float | None = None,
-        retries: int = 1,
-        options: ChannelOptions = (),
-    ):
-        credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=list(options))
-        self._stub = inference_pb2_grpc.LoraInferenceStub(self._channel)
-        self._timeout = timeout
-        self._retry = RetryPolicy(retries=retries)
+    _channels = grpc.aio
 
-    async def generate(
-        self,
-        prompt: Prompt,
-        adapter: str = "",
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        request_id: str = "",
-        timeout: float | None = None,
-    ) -> Completion:
-        """Generate a whole completion with ``adapter`` ("" = the base model)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        request = generate_request(prompt, adapter, params, request_id)
-        metadata = adapter_metadata(adapter)
-        response = await self._unary(self._stub.Generate, request, metadata, timeout)
-        return Completion.from_pb(response)
+    generate = _method(Calls.generate, "_unary")
+    stream = _method(Calls.stream, "_stream")
+    list_adapters = _method(Calls.list_adapters, "_unary")
+    server_info = _method(Calls.server_info, "_unary")
 
-    def stream(
-        self,
-        prompt: Prompt,
-        adapter: str = "",
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        request_id: str = "",
-        timeout: float | None = None,
-    ) -> AsyncGenerator[StreamChunk, None]:
-        """Generate a completion chunk by chunk (``async for``); the RPC starts on the first
-        ``__anext__``. Leaving the loop early (or ``aclose()``) cancels the RPC."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        request = generate_request(prompt, adapter, params, request_id)
-        return self._stream(request, adapter_metadata(adapter), self._deadline(timeout))
-
-    async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
-        """The adapters the server can serve, with their cache state."""
-        request = pb.ListAdaptersRequest()
-        response = await self._unary(self._stub.ListAdapters, request, (), timeout)
-        return [AdapterInfo.from_pb(info) for info in response.adapters]
-
-    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        """The server's base model, device, limits and current load."""
-        request = pb.GetServerInfoRequest()
-        response = await self._unary(self._stub.GetServerInfo, request, (), timeout)
-        return ServerInfo.from_pb(response)
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.2) -> None:
+        """``LoraClient.wait_ready``, awaited."""
+        end, last = time.monotonic() + timeout, "no answer"
+        while True:
+            try:
+                last = _health_answer(await self._health_check(max(0.05, end - time.monotonic())))
+                if last is None:
+                    return
+            except grpc.RpcError as exc:
+                last = status_code_of(exc).name
+            if time.monotonic() + interval > end:
+                raise _not_ready(timeout, last)
+            await asyncio.sleep(interval)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -371,15 +385,15 @@ class AsyncLoraClient:
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
-    def _deadline(self, timeout: float | None) -> Deadline:
-        return Deadline(self._timeout if timeout is None else timeout)
-
-    async def _unary(self, method, request, metadata, timeout: float | None):
-        deadline = self._deadline(timeout)
-        attempt = 0
+    async def _unary(self, call: Call):
+        deadline, attempt = self._deadline(call), 0
+        method = getattr(self._stub, call.rpc)
         while True:
             try:
-                return await method(request, timeout=deadline.remaining(), metadata=metadata)
+                response = await method(
+                    call.request, timeout=deadline.remaining(), metadata=call.metadata
+                )
+                return call.decode(response)
             except grpc.RpcError as exc:
                 delay = self._retry.delay(exc, attempt, deadline.remaining())
                 if delay is None:
@@ -387,25 +401,23 @@ class AsyncLoraClient:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def _stream(
-        self, request, metadata, deadline: Deadline
-    ) -> AsyncGenerator[StreamChunk, None]:
-        attempt = 0
+    async def _stream(self, call: Call) -> AsyncGenerator[StreamChunk, None]:
+        deadline, attempt = self._deadline(call), 0
         while True:
-            call = self._stub.GenerateStream(
-                request, timeout=deadline.remaining(), metadata=metadata
+            rpc = self._stub.GenerateStream(
+                call.request, timeout=deadline.remaining(), metadata=call.metadata
             )
             received = False
             try:
-                async for response in call:
+                async for response in rpc:
                     received = True
-                    yield StreamChunk.from_pb(response)
+                    yield call.decode(response)
                 return
             except grpc.RpcError as exc:
                 delay = None if received else self._retry.delay(exc, attempt, deadline.remaining())
                 if delay is None:
                     raise error_from_rpc(exc) from exc
             finally:
-                call.cancel()  # see LoraClient._stream
+                rpc.cancel()  # see LoraClient._stream
             await asyncio.sleep(delay)
             attempt += 1
