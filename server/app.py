@@ -5,7 +5,8 @@ Life cycle, as a load balancer sees it through ``grpc.health.v1.Health``:
     start ──► NOT_SERVING (port open, model loading; calls get UNAVAILABLE)
           ──► SERVING (model and adapters loaded)
     drain ──► NOT_SERVING (new calls get UNAVAILABLE; running ones finish within the grace
-              period, then whatever is left is cancelled) ──► stopped
+              period, then whatever is left is cancelled; UNAVAILABLE goes on for
+              ``drain_linger`` more, so late calls are retried elsewhere) ──► stopped
 
 ``LoraServer`` is what ``main`` and the tests use; binding port 0 picks a free port, and
 ``start()`` returns the port actually bound. Every port (gRPC, metrics, the optional plaintext
@@ -147,6 +148,9 @@ class LoraServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.stop, grace)
+        # Keep answering UNAVAILABLE (which clients and balancers retry elsewhere) a moment
+        # longer: a call that reaches grpc's own stop() is CANCELLED instead, never retried.
+        await asyncio.sleep(min(self.config.drain_linger, grace))
         if self._server is not None:
             await self._server.stop(1.0)  # responses already finished; let them flush
         if self._health_server is not None:

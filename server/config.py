@@ -87,6 +87,11 @@ class ServerConfig:
         None, "require client certificates signed by this CA (mTLS)", parse=Path
     )
     drain_grace: float = setting(30.0, "seconds running requests get to finish on SIGTERM")
+    drain_linger: float = setting(
+        0.5,
+        "seconds the drained server keeps answering UNAVAILABLE (retried elsewhere by clients "
+        "and balancers) before it closes the port",
+    )
     threads: int | None = setting(
         None,
         "torch CPU threads",

@@ -146,7 +146,8 @@ class Replica:
         return f"{self.host}:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> Replica:
-        """Wait for the "metrics on" log line (written once the model is loaded)."""
+        """Wait for the "ready: serving" log line (the ports open before the model loads; this
+        line comes once it is loaded and health says SERVING)."""
 
         def ready():
             text = self.log.read_text()
@@ -154,7 +155,9 @@ class Replica:
                 raise AssertionError(f"replica exited with {self.proc.returncode}:\n{text}")
             listening = re.search(r"listening on ([\d.]+):(\d+)", text)
             metrics = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", text)
-            return listening and metrics and (listening[1], int(listening[2]), int(metrics[1]))
+            if not (listening and metrics and "ready: serving on" in text):
+                return None
+            return listening[1], int(listening[2]), int(metrics[1])
 
         self.host, self.port, self.metrics_port = wait_for(ready, timeout=timeout, interval=0.1)
         return self

@@ -81,6 +81,7 @@ def serving_config(model: Path, adapters: Path, **overrides) -> ServerConfig:
         watch_poll_interval=0.5,
         watch_debounce=0.1,
         drain_grace=5.0,
+        drain_linger=0.0,
     )
     return ServerConfig(**{**defaults, **overrides})
 

@@ -4,13 +4,17 @@ with real processes.
 - promtool checks prometheus.yml and alerts.yml and runs the alert unit tests; every Grafana
   query is valid PromQL (promtool parses it) and names only series a real server exports.
 - haproxy -c accepts haproxy.cfg; its gRPC health check (raw HTTP/2 frames) tells SERVING from
-  NOT_SERVING on real gRPC health servers, and so does deploy/grpc_health_probe.py.
+  NOT_SERVING on real gRPC health servers, and so does deploy/grpc_health_probe.py, which also
+  speaks TLS and mTLS to a real TLS server. HAProxy finds replicas through DNS (a stand-in DNS
+  server on loopback): scaling up fills a free slot, scaling down empties one, the others stay.
 - Kubernetes manifests, compose file, Dockerfiles and Envoy config are read as data: probes,
-  GPU, ports, selectors, volumes, and every server flag they pass parses with the real CLI.
+  GPU, ports, selectors, volumes, threads, and every server flag they pass parses with the
+  real CLI. The images' entrypoint script runs for real (threads, demo-only seeding).
 - Three ``python -m server`` replicas share one adapters folder behind an HAProxy started from
-  the shipped config (addresses rewritten for loopback): each adapter lands on exactly one
-  replica, a new file is served through the balancer, and a replica stopped with SIGTERM
-  hands its adapters to the others (and only its adapters) with no client error.
+  the shipped config (listeners and DNS server rewritten for loopback, replicas found by DNS):
+  each adapter lands on exactly one replica, a new file is served through the balancer, and a
+  replica stopped with SIGTERM hands its adapters to the others (and only its adapters) with
+  no client error.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from adapters.demo_paths import demo_adapters_dir
 from adapters.format import write_adapter
 from client import AdapterNotFoundError, LoraClient
 from server.__main__ import parse_args
 from server.app import SERVICE
 from tests.grpc_server import ServerThread
-from tests.replicas import HAPROXY_CFG, HAProxy, Replica, free_port
+from tests.replicas import DNS, HAPROXY_CFG, HAProxy, Replica, shared_free_port
 from tests.serving import random_adapter, serving_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +50,15 @@ K8S = DEPLOY / "k8s"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loraserve.json"
 PROBE = DEPLOY / "grpc_health_probe.py"
+ENTRYPOINT_SH = DEPLOY / "entrypoint.sh"
+LOOPBACK = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]  # one address per replica, as DNS gives
 
 
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed; .ci/run installs it")
+            pytest.fail(f"{name} is not installed; make test installs it")
         pytest.skip(f"{name} not installed (CI installs it)")
     return path
 
@@ -83,7 +90,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool():
         "LoraserveDown",
         "LoraserveHighErrorRate",
         "LoraserveQueueBacklog",
-        "LoraserveAdapterLoadFailures",
+        "LoraserveAdapterFilesRefused",
         "LoraserveHighTimeToFirstToken",
         "LoraserveHighRequestLatency",
     } <= alerts
@@ -171,6 +178,7 @@ def test_dashboard_and_alerts_use_only_metrics_the_server_exports(tiny_llama, tm
         "loraserve_adapter_cache_hits_total",
         "loraserve_adapter_cache_misses_total",
         "loraserve_adapter_loads_total",
+        "loraserve_adapters_invalid",
     } <= dashboard
     assert any("by (adapter" in e for e in dashboard_queries())
     assert any('result!="ok"' in e for e in dashboard_queries())
@@ -214,49 +222,152 @@ def test_haproxy_config_is_valid_and_hashes_the_adapter_header():
     assert re.search(r"bind :8080 proto h2\b", cfg)
     assert re.search(r"default-server proto h2 check\b", backend)
     assert re.search(r"^\s*retries [1-9]", cfg, re.M) and "option redispatch" in cfg
+    # replicas come from DNS, through a resolvers section that exists; none is listed by hand
+    assert not re.search(r"^\s*server ", backend, re.M)
+    assert re.search(r"^\s*server-template replica 1-\d+ ", backend, re.M)
+    (resolvers,) = re.findall(r"default-server .*\bresolvers (\S+)", backend)
+    assert re.search(rf"^resolvers {resolvers}$", cfg, re.M)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture
-def health_servers():
-    """Two gRPC health servers (SERVING, NOT_SERVING) and a port nobody listens on."""
+def health_server():
+    """``health_server(host, port, status)`` starts a gRPC server with only the health service
+    and returns its servicer (``.set(SERVICE, status)`` changes the answer)."""
     started = []
-    for status in (
-        health_pb2.HealthCheckResponse.SERVING,
-        health_pb2.HealthCheckResponse.NOT_SERVING,
-    ):
+
+    def start(host: str, port: int, status=SERVING) -> health.HealthServicer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        assert server.add_insecure_port(f"{host}:{port}") == port
         server.start()
         servicer.set(SERVICE, status)
-        started.append((server, servicer, port))
-    yield [(s, p) for _, s, p in started] + [(None, free_port())]
-    for server, _, _ in started:
+        started.append(server)
+        return servicer
+
+    yield start
+    for server in started:
         server.stop(None)
 
 
-def probe(port: int) -> int:
-    args = [sys.executable, str(PROBE), "--addr", f"127.0.0.1:{port}", "--timeout", "2"]
+def probe(target: str, *flags: str) -> int:
+    """deploy/grpc_health_probe.py's exit status, run as Docker's HEALTHCHECK runs it."""
+    args = [sys.executable, str(PROBE), "--addr", target, "--timeout", "2", *flags]
     return subprocess.run(args, capture_output=True, timeout=30).returncode
 
 
-def test_health_checks_speak_grpc_health(health_servers, tmp_path):
+def test_health_checks_speak_grpc_health(health_server, tmp_path):
     haproxy = tool("haproxy")
-    (serving, _), (not_serving, not_serving_port), (_, closed) = health_servers
-    ports = [port for _, port in health_servers]
-    assert [probe(p) for p in ports] == [0, 1, 1]
+    port = shared_free_port(LOOPBACK)
+    serving = health_server(LOOPBACK[0], port, SERVING)
+    not_serving = health_server(LOOPBACK[1], port, NOT_SERVING)
+    up, loading, closed = (f"{host}:{port}" for host in LOOPBACK)  # nobody on the third
+    assert [probe(t) for t in (up, loading, closed)] == [0, 1, 1]
 
-    balancer = HAProxy.start(haproxy, ports, tmp_path)
+    dns = DNS(LOOPBACK)
+    balancer = HAProxy.start(haproxy, tmp_path, dns.port, port)
     try:
-        balancer.wait_states({"replica1": "UP", "replica2": "DOWN", "replica3": "DOWN"})
-        not_serving.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        balancer.wait_states({"replica1": "UP", "replica2": "UP", "replica3": "DOWN"})
-        serving.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)  # a replica draining
-        balancer.wait_states({"replica1": "DOWN", "replica2": "UP", "replica3": "DOWN"})
+        balancer.wait_states({up: "UP", loading: "DOWN", closed: "DOWN"})
+        not_serving.set(SERVICE, SERVING)
+        balancer.wait_states({up: "UP", loading: "UP", closed: "DOWN"})
+        serving.set(SERVICE, NOT_SERVING)  # a replica draining
+        balancer.wait_states({up: "DOWN", loading: "UP", closed: "DOWN"})
     finally:
         balancer.stop()
-    assert probe(not_serving_port) == 0
+        dns.stop()
+    assert probe(loading) == 0
+
+
+def test_haproxy_finds_replicas_through_dns_as_they_scale(health_server, tmp_path):
+    """Scaling is a DNS change: a new address takes a free server-template slot, a gone one
+    empties its slot, and every other replica keeps its slot (so its share of the hash ring)."""
+    haproxy = tool("haproxy")
+    port = shared_free_port(LOOPBACK)
+    for host in LOOPBACK:
+        health_server(host, port, SERVING)
+    a, b, c = (f"{host}:{port}" for host in LOOPBACK)
+
+    dns = DNS(LOOPBACK[:2])
+    balancer = HAProxy.start(haproxy, tmp_path, dns.port, port)
+    try:
+        balancer.wait_states({a: "UP", b: "UP"})
+        assert dns.names == {"loraserve"}  # the compose service name, by default
+        slot = {addr: name for addr, (name, _) in balancer.slots().items()}
+
+        dns.addresses = LOOPBACK  # --scale loraserve=3
+        balancer.wait_states({a: "UP", b: "UP", c: "UP"})
+        grown = {addr: name for addr, (name, _) in balancer.slots().items()}
+        assert {a: grown[a], b: grown[b]} == slot and grown[c] not in slot.values()
+
+        dns.addresses = [LOOPBACK[0], LOOPBACK[2]]  # b is gone (after `hold obsolete`)
+        balancer.wait_states({a: "UP", c: "UP"}, timeout=20)
+        shrunk = {addr: name for addr, (name, _) in balancer.slots().items()}
+        assert shrunk == {a: grown[a], c: grown[c]}
+    finally:
+        balancer.stop()
+        dns.stop()
+
+
+# ------------------------------------------------------------------------------ TLS probes
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, and a server certificate (localhost, 127.0.0.1) and a client certificate signed by
+    it, made with openssl like tests/test_grpc_server.py's; EC keys, which are quick to make."""
+
+    def openssl(*args) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    newkey = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ca, ca_key = folder / "ca.pem", folder / "ca-key.pem"
+    openssl("req", "-x509", *newkey, "-keyout", ca_key, "-out", ca, "-days", "1",
+            "-subj", "/CN=loraserve test CA")  # fmt: skip
+    files = {"ca": ca}
+    for name, extension in (
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        key, csr, cert = (folder / f"{name}{suffix}" for suffix in ("-key.pem", ".csr", ".pem"))
+        ext = folder / f"{name}.ext"
+        ext.write_text(extension + "\n")
+        openssl("req", *newkey, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+                "-out", cert, "-days", "1", "-extfile", ext)  # fmt: skip
+        files[name], files[f"{name}_key"] = cert, key
+    return files
+
+
+def test_probe_checks_a_tls_server_with_tls_options_only(tiny_llama, tmp_path):
+    pki = make_pki(tmp_path)
+    (tmp_path / "ads").mkdir()
+    tls = dict(tls_cert=pki["server"], tls_key=pki["server_key"])
+    ca = ("--tls", "--ca", str(pki["ca"]))
+
+    server = ServerThread(serving_config(tiny_llama, tmp_path / "ads", **tls))
+    try:
+        target = server.target  # 127.0.0.1, which the certificate names
+        assert probe(target, *ca) == 0
+        assert probe(target) == 1  # plaintext to a TLS port: what broke the probes
+        assert probe(target, "--tls") == 1  # the system roots do not know this CA
+        assert probe(target, *ca, "--server-name", "localhost") == 0
+        assert probe(target, *ca, "--server-name", "elsewhere.example") == 1
+        assert probe(target, "--ca", str(pki["ca"])) == 2  # TLS options without --tls
+    finally:
+        server.stop()
+
+    server = ServerThread(
+        serving_config(tiny_llama, tmp_path / "ads", tls_client_ca=pki["ca"], **tls)
+    )
+    try:
+        assert probe(server.target, *ca) == 1  # mTLS: no client certificate, no handshake
+        client = ("--cert", str(pki["client"]), "--key", str(pki["client_key"]))
+        assert probe(server.target, *ca, *client) == 0
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------ Kubernetes
@@ -288,9 +399,10 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def entrypoint(path: Path) -> list[str]:
+    """The server flags of a Dockerfile's ENTRYPOINT (after the wrapper and the command)."""
     (args,) = [json.loads(a) for i, a in dockerfile_instructions(path) if i == "ENTRYPOINT"]
-    assert args[0] == "loraserve-server"
-    return args[1:]
+    assert args[:2] == ["loraserve-entrypoint", "loraserve-server"]
+    return args[2:]
 
 
 def flag(args: list[str], name: str) -> str:
@@ -312,18 +424,31 @@ def test_kubernetes_manifests_carry_probes_gpu_and_matching_selectors():
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
 
-    # the server's flags: the image's ENTRYPOINT, then the Deployment's args (all real flags)
-    args = entrypoint(DEPLOY / "Dockerfile") + container["args"]
-    config = parse_args(args)
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    # the server's flags: the image's ENTRYPOINT, then the Deployment's args (all real flags);
+    # $(VAR) is Kubernetes' expansion of the container's env
+    env = {e["name"]: e for e in container["env"]}
+    args = entrypoint(DEPLOY / "Dockerfile.cuda") + container["args"]
+    limits = container["resources"]["limits"]
+
+    # --threads follows the CPU limit through the Downward API, and there is a limit (without
+    # one, limits.cpu would read as the whole node)
+    threads = re.fullmatch(r"\$\((\w+)\)", flag(args, "--threads"))
+    source = env[threads[1]]["valueFrom"]["resourceFieldRef"]
+    assert source["resource"] == "limits.cpu" and source["containerName"] == container["name"]
+    assert float(limits["cpu"]) >= 1 and str(source.get("divisor", "1")) == "1"
+    config = parse_args([a.replace(threads[0], str(limits["cpu"])) for a in args])
+    health_port = int(flag(args, "--health-port"))
+    assert ports == {"grpc": config.port, "health": health_port, "metrics": config.metrics_port}
     assert config.device.startswith("cuda")
 
-    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert limits["nvidia.com/gpu"] >= 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] >= 1
+    # kubelet grpc probes speak plaintext only: they go to the health port, which stays
+    # plaintext when the main port uses TLS
     readiness = container["readinessProbe"]["grpc"]
-    assert readiness == {"port": config.port, "service": SERVICE}
-    assert container["livenessProbe"]["grpc"]["port"] == config.port
-    assert container["startupProbe"]["grpc"]["port"] == config.port
+    assert readiness == {"port": health_port, "service": SERVICE}
+    assert container["livenessProbe"]["grpc"]["port"] == health_port
+    assert container["startupProbe"]["grpc"]["port"] == health_port
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > config.drain_grace
 
@@ -377,7 +502,7 @@ def test_kustomize_renders_the_manifests():
 # ------------------------------------------------------------------------------ images, compose
 
 
-@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+@pytest.mark.parametrize("name", ["Dockerfile.cuda", "Dockerfile.cpu"])
 def test_dockerfiles_run_non_root_with_a_grpc_healthcheck(name):
     path = DEPLOY / name
     steps = dockerfile_instructions(path)
@@ -386,7 +511,7 @@ def test_dockerfiles_run_non_root_with_a_grpc_healthcheck(name):
         ins.setdefault(i, []).append(a)
     base = ins["FROM"][-1]
     base = dict(re.findall(r"ARG (\w+)=(\S+)", path.read_text())).get(base.strip("${}"), base)
-    if name == "Dockerfile":
+    if name == "Dockerfile.cuda":
         assert base.startswith("nvidia/cuda:") and "-runtime-" in base
         assert "/whl/cu" in path.read_text()
     else:
@@ -394,16 +519,28 @@ def test_dockerfiles_run_non_root_with_a_grpc_healthcheck(name):
         assert "/whl/cpu" in path.read_text()
     assert ins["USER"][-1] not in ("root", "0")
     assert json.loads(ins["VOLUME"][0]) == ["/adapters"]
-    assert set(ins["EXPOSE"][0].split()) == {"50051", "9400"}
+    server_args = entrypoint(path)
+    health_port = int(flag(server_args, "--health-port"))
+    config = parse_args(server_args + json.loads(ins["CMD"][0]))
+    assert health_port != config.port
+    assert set(ins["EXPOSE"][0].split()) == {str(config.port), str(health_port), "9400"}
 
-    # HEALTHCHECK runs the probe the image copies in, against the port the server binds
+    # HEALTHCHECK runs the probe the image copies in, against the plaintext health port (it
+    # keeps working when the main port uses TLS)
     (check,) = ins["HEALTHCHECK"]
     command = json.loads(check.split(" CMD ", 1)[1])
-    copies = dict(a.split()[-2:][::-1] for i, a in steps if i == "COPY")  # dest -> source
+    copied = [[w for w in a.split() if not w.startswith("--")] for i, a in steps if i == "COPY"]
+    copies = {words[-1]: words[-2] for words in copied}  # dest -> source
     assert copies[command[1]] == "deploy/grpc_health_probe.py"
-    config = parse_args(entrypoint(path) + json.loads(ins["CMD"][0]))
-    assert flag(command, "--addr") == f"127.0.0.1:{config.port}"
+    assert flag(command, "--addr") == f"127.0.0.1:{health_port}"
     assert config.host == "0.0.0.0" and str(config.adapters_dir) == "/adapters"
+
+    # the ENTRYPOINT wrapper is deploy/entrypoint.sh, executable; LORASERVE_THREADS is its knob;
+    # the image's /adapters holds no demo adapters (the wrapper seeds them for --model demo)
+    assert copies["/usr/local/bin/loraserve-entrypoint"] == "deploy/entrypoint.sh"
+    assert any(i == "COPY" and "--chmod=0755 deploy/entrypoint.sh" in a for i, a in steps)
+    assert any(a.split("=")[0] == "LORASERVE_THREADS" for a in ins["ENV"])
+    assert not any("demo" in a for a in ins["RUN"])
 
     # everything COPY'd exists and passes the Dockerfile's own .dockerignore allowlist
     allowed = [
@@ -411,11 +548,51 @@ def test_dockerfiles_run_non_root_with_a_grpc_healthcheck(name):
         for line in (DEPLOY / f"{name}.dockerignore").read_text().splitlines()
         if line.startswith("!")
     ]
-    for i, a in steps:
-        if i == "COPY":
-            for source in a.split()[:-1]:
-                assert (ROOT / source).exists(), source
-                assert source.rstrip("/") in allowed, source
+    for words in copied:
+        for source in words[:-1]:
+            assert (ROOT / source).exists(), source
+            assert source.rstrip("/") in allowed, source
+
+
+def run_entrypoint(tmp_path: Path, *args: str, **env: str) -> list[str]:
+    """deploy/entrypoint.sh with a stand-in server that prints its arguments, one a line."""
+    server = tmp_path / "print-args"
+    server.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    server.chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if k != "LORASERVE_THREADS"}
+    environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"  # `python`
+    environ.update(env)
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT_SH), str(server), *args],
+        capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_entrypoint_passes_threads_and_seeds_demo_adapters_only_for_the_demo_model(tmp_path):
+    demo, real, mine = (tmp_path / name for name in ("demo", "real", "mine"))
+    for folder in (demo, real, mine):
+        folder.mkdir()
+    (mine / "mine.safetensors").write_bytes(b"")
+
+    # --model demo is the server's default: an empty folder gets the demo adapters
+    args = ["--adapters", str(demo), "--port", "50051"]
+    assert run_entrypoint(tmp_path, *args) == args
+    shipped = sorted(p.name for p in demo_adapters_dir().iterdir())
+    assert shipped and sorted(p.name for p in demo.iterdir()) == shipped
+    # a real model (the last --model wins, as in the server) would refuse them: not seeded
+    run_entrypoint(tmp_path, f"--adapters={real}", "--model", "demo", "--model=/models/base")
+    assert list(real.iterdir()) == []
+    # a folder with adapters in it is left as it is
+    run_entrypoint(tmp_path, "--adapters", str(mine), "--model", "demo")
+    assert [p.name for p in mine.iterdir()] == ["mine.safetensors"]
+
+    # LORASERVE_THREADS goes first, so an explicit --threads in the command still wins
+    args = ["--model", "/models/base", "--threads", "2"]
+    assert run_entrypoint(tmp_path, *args, LORASERVE_THREADS="3") == ["--threads", "3", *args]
+    assert run_entrypoint(tmp_path, *args, LORASERVE_THREADS="") == args
+    assert parse_args(["--threads", "3", *args]) == parse_args(args)  # last one counts
 
 
 def test_compose_wires_server_prometheus_grafana_and_the_balancer():
@@ -424,8 +601,18 @@ def test_compose_wires_server_prometheus_grafana_and_the_balancer():
     assert set(services) == {"loraserve", "haproxy", "prometheus", "grafana"}
     assert services["haproxy"]["profiles"] == ["scale-out"]
     server = services["loraserve"]
-    dockerfile = re.sub(r"\$\{\w+:-(.*)\}", r"\1", server["build"]["dockerfile"])
-    assert (DEPLOY / server["build"]["context"] / dockerfile).is_file()
+    # one variable picks the Dockerfile and the tag, so a CUDA build is never tagged :cpu
+    (variant,) = set(re.findall(r"\$\{(\w+):-cpu\}", server["build"]["dockerfile"]))
+    assert re.findall(r"\$\{(\w+):-cpu\}", server["image"]) == [variant]
+    for name in ("cpu", "cuda"):
+        chosen = re.sub(r"\$\{\w+:-cpu\}", name, server["build"]["dockerfile"])
+        assert chosen == f"deploy/Dockerfile.{name}"
+        assert (DEPLOY / server["build"]["context"] / chosen).is_file()
+        assert re.sub(r"\$\{\w+:-cpu\}", name, server["image"]) == f"loraserve:{name}"
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    assert kustomization["images"][0]["newTag"] == "cuda"  # the same tag on Kubernetes
+    assert "LORASERVE_THREADS" in server["environment"]  # passed on to the entrypoint
+
     command = [re.sub(r"\$\{\w+:-(.*)\}", r"\1", a) for a in server["command"]]
     config = parse_args(entrypoint(DEPLOY / "Dockerfile.cpu") + command)
     assert "adapters:/adapters" in server["volumes"] and "adapters" in compose["volumes"]
@@ -442,9 +629,15 @@ def test_compose_wires_server_prometheus_grafana_and_the_balancer():
     jobs = {job["job_name"]: job for job in scrape}
     assert jobs["loraserve"]["dns_sd_configs"][0]["port"] == config.metrics_port
 
-    # HAProxy's servers are the containers `docker compose --scale loraserve=3` creates
-    servers = re.findall(r"^\s*server \S+ (\S+):(\d+)", HAPROXY_CFG.read_text(), re.M)
-    assert servers == [(f"{compose['name']}-loraserve-{i}", str(config.port)) for i in range(1, 4)]
+    # HAProxy's replicas are the A records of the service name, one per container of
+    # `docker compose --scale loraserve=N`; each of its slots has a host port to publish
+    template = r'^\s*server-template \S+ 1-(\d+) "\$\{LORASERVE_DNS_NAME-(\S+)\}":(\d+)'
+    ((slots, name, port),) = re.findall(template, HAPROXY_CFG.read_text(), re.M)
+    assert name in services and services[name] is server
+    assert int(port) == config.port
+    for published in server["ports"]:
+        first, last = map(int, published.split(":")[0].split("-"))
+        assert last - first + 1 == int(slots), published
 
 
 def test_envoy_ring_hashes_the_adapter_header_with_grpc_health_checks():
@@ -497,16 +690,20 @@ def test_replicas_behind_haproxy_keep_adapter_affinity(tiny_llama, tmp_path):
         write_adapter(store / f"{name}.safetensors", random_adapter(tiny_llama, name, seed=seed))
     replicas: list[Replica] = []
     balancer = None
+    # as under Compose or Kubernetes: one address per replica, one port, found through DNS
+    port = shared_free_port(LOOPBACK)
+    dns = DNS(LOOPBACK)
     try:
-        for i in range(3):
+        for i, host in enumerate(LOOPBACK):
             log = tmp_path / f"replica{i + 1}.log"
             flags = ("--watch-poll-interval", "0.5", "--drain-grace", "5")
-            replicas.append(Replica.start(tiny_llama, store, log, *flags))
+            bind = ("--host", host, "--port", str(port))
+            replicas.append(Replica.start(tiny_llama, store, log, *flags, *bind))
         for replica in replicas:
             replica.wait_ready()
-        balancer = HAProxy.start(haproxy, [r.port for r in replicas], tmp_path)
-        balancer.wait_states({f"replica{i}": "UP" for i in (1, 2, 3)})
-        assert probe(replicas[0].port) == 0  # the image's HEALTHCHECK, on a real replica
+        balancer = HAProxy.start(haproxy, tmp_path, dns.port, port)
+        balancer.wait_states({r.target: "UP" for r in replicas})
+        assert probe(replicas[0].target) == 0  # the image's HEALTHCHECK, on a real replica
 
         with LoraClient(balancer.target, retries=1, timeout=30) as client:
             # 1. every adapter lands on exactly one replica, and not all on the same one
@@ -553,8 +750,8 @@ def test_replicas_behind_haproxy_keep_adapter_affinity(tiny_llama, tmp_path):
             wait_for(lambda: len(calls) >= len(names), timeout=30)
             replicas[victim].terminate()
             assert replicas[victim].proc.wait(timeout=20) == 0  # drained, exit 0
-            assert probe(replicas[victim].port) == 1
-            states = {f"replica{i + 1}": "DOWN" if i == victim else "UP" for i in range(3)}
+            assert probe(replicas[victim].target) == 1
+            states = {r.target: "DOWN" if i == victim else "UP" for i, r in enumerate(replicas)}
             balancer.wait_states(states)
             seen = len(calls)
             wait_for(lambda: len(calls) >= seen + len(names), timeout=30)  # a lap after
@@ -576,6 +773,7 @@ def test_replicas_behind_haproxy_keep_adapter_affinity(tiny_llama, tmp_path):
     finally:
         if balancer is not None:
             balancer.stop()
+        dns.stop()
         for replica in replicas:
             replica.stop()
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.log"))
