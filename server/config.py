@@ -88,9 +88,10 @@ class ServerConfig:
     )
     drain_grace: float = setting(30.0, "seconds running requests get to finish on SIGTERM")
     drain_linger: float = setting(
-        0.5,
-        "seconds the drained server keeps answering UNAVAILABLE (retried elsewhere by clients "
-        "and balancers) before it closes the port",
+        0.0,
+        "seconds the drained server keeps answering UNAVAILABLE before it closes its port: "
+        "for balancers that route by health checks alone (a balancer that retries refused "
+        "connections, as the shipped HAProxy does, is better served by a closed port)",
     )
     threads: int | None = setting(
         None,

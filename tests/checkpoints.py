@@ -11,6 +11,8 @@ gives the same weights. `save_kwargs` go to save_pretrained (e.g. max_shard_size
     make_llama(tmp_path)              GQA 4q/2kv heads, untied embeddings
     make_qwen2(tmp_path)              q/k/v bias, GQA
     make_mistral(tmp_path)            no sliding window
+    make_qwen3(tmp_path)              q/k RMSNorm per head, head_dim 32 != hidden / heads, GQA
+    make_phi3(tmp_path)               fused qkv_proj / gate_up_proj, GQA, untied
     hf_model(folder)                  the transformers oracle for a folder, float32, eval mode
     byte_level_tokenizer()            GPT-2-style byte-level BPE trained here (vocab <= 300)
     sentencepiece_tokenizer()         Llama-2-style: Metaspace, byte fallback, BOS post-processor
@@ -35,9 +37,13 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 320
@@ -117,6 +123,36 @@ def make_mistral(
         **{**LLAMA_LIKE, "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, **overrides}
     )
     model = _random(MistralForCausalLM, config, seed)
+    return _save(model, tmp_path / name, "sentencepiece", save_kwargs)
+
+
+def make_qwen3(
+    tmp_path: Path,
+    *,
+    name: str = "qwen3",
+    seed: int = 0,
+    save_kwargs: dict | None = None,
+    **overrides,
+) -> Path:
+    config = Qwen3Config(
+        **{**LLAMA_LIKE, "head_dim": 32, "bos_token_id": 0, "eos_token_id": 0, **overrides}
+    )
+    model = _random(Qwen3ForCausalLM, config, seed)
+    return _save(model, tmp_path / name, "byte_level", save_kwargs)
+
+
+def make_phi3(
+    tmp_path: Path,
+    *,
+    name: str = "phi3",
+    seed: int = 0,
+    save_kwargs: dict | None = None,
+    **overrides,
+) -> Path:
+    """Plain RoPE (no longrope); `partial_rotary_factor=0.5` rotates half of each head."""
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}  # defaults exceed VOCAB
+    config = Phi3Config(**{**LLAMA_LIKE, **ids, **overrides})
+    model = _random(Phi3ForCausalLM, config, seed)
     return _save(model, tmp_path / name, "sentencepiece", save_kwargs)
 
 

@@ -33,6 +33,7 @@ from adapters.format import (
     ShapeMismatch,
     UnsupportedAdapter,
     WeightsOutOfRange,
+    _peft_tensors,
     _serialize,
     build_adapter,
     read_adapter,
@@ -93,7 +94,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, dtype, bad):
     adapter = build_adapter(
         "x", LoRAConfig(r=4, lora_alpha=8), {MODULE: (A.to(dtype), B.to(dtype))}
     )
-    path = write_adapter(tmp_path / "x.safetensors", adapter)
+    path = raw_file(tmp_path, _peft_tensors(adapter.modules), config_dict())  # writers refuse it
     with pytest.raises(NonFiniteWeights, match="NaN" if math.isnan(bad) else "infinite") as e:
         read_adapter(path)
     assert B_KEY in str(e.value) and A_KEY not in str(e.value)
@@ -106,9 +107,8 @@ def test_weights_beyond_float16_are_refused(tmp_path, dtype, value):
     weights = {
         MODULE: (torch.full((HIDDEN, 4), value, dtype=dtype), torch.ones(4, HIDDEN, dtype=dtype))
     }
-    path = write_adapter(
-        tmp_path / "x.safetensors", build_adapter("x", LoRAConfig(r=4, lora_alpha=8), weights)
-    )
+    adapter = build_adapter("x", LoRAConfig(r=4, lora_alpha=8), weights)
+    path = raw_file(tmp_path, _peft_tensors(adapter.modules), config_dict())  # writers refuse it
     with pytest.raises(WeightsOutOfRange, match="cannot be a trained LoRA") as e:
         read_adapter(path)
     assert A_KEY in str(e.value) and "overflow half precision" in str(e.value)
@@ -200,7 +200,7 @@ def test_a_reader_bug_is_still_an_invalid_adapter(tmp_path, monkeypatch):
     def broken(*args):
         raise KeyError("boom")
 
-    monkeypatch.setattr(fmt, "_plan_modules", broken)
+    monkeypatch.setattr(fmt.read, "_plan_modules", broken)  # where read_adapter looks it up
     with pytest.raises(CorruptAdapterFile, match=r"could not be read: KeyError: .*boom") as e:
         read_adapter(path)
     assert isinstance(e.value.__cause__, KeyError)
@@ -212,7 +212,7 @@ def test_oserror_is_not_disguised(tmp_path, monkeypatch):
     def unreadable(*args):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(fmt, "_read_header", unreadable)
+    monkeypatch.setattr(fmt.read, "_read_header", unreadable)
     with pytest.raises(PermissionError):
         read_adapter(path)
 

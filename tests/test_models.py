@@ -1,8 +1,9 @@
 """Base models against transformers (the oracle), the KV cache against full recomputation, and the
-loader's file handling. Tiny random fp32 checkpoints; parity bound 1e-4 max abs diff on logits of
-magnitude ~1-10. Max abs diffs are printed (run with -s). Observed with torch 2.13 CPU and
-transformers 5.23: full forward 0.0 (llama, qwen2, mistral; same ops as HF) and 1.2e-6 (gpt2);
-cached prefill + one-token decode and the ragged two-row batch vs full recomputation <= 2.1e-6.
+loader's file handling. Tiny random fp32 checkpoints, every family (`FAMILIES`) at least once;
+parity bound 1e-4 max abs diff on logits of magnitude ~1-10. Max abs diffs are printed (run with
+-s). Observed with torch 2.13 CPU and transformers 5.24: full forward 0.0 (llama, qwen2, mistral;
+same ops as HF) and 1.2e-6 (gpt2); cached prefill + one-token decode and the ragged two-row
+batch vs full recomputation <= 2.1e-6.
 """
 
 import json
@@ -12,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters.lora import target_names
 from adapters.models import (
+    FAMILIES,
     KVCache,
     ModelConfig,
     ModelLoadError,
@@ -27,7 +30,9 @@ from tests.checkpoints import (
     make_gpt2,
     make_llama,
     make_mistral,
+    make_phi3,
     make_qwen2,
+    make_qwen3,
 )
 
 TOL = 1e-4
@@ -59,7 +64,27 @@ CASES = [
     pytest.param(partial(make_qwen2, tie_word_embeddings=True), id="qwen2-tied"),
     pytest.param(partial(make_qwen2), id="qwen2-untied"),
     pytest.param(partial(make_mistral), id="mistral"),
+    pytest.param(partial(make_qwen3), id="qwen3-gqa-headdim-untied"),
+    pytest.param(
+        partial(
+            make_qwen3,
+            tie_word_embeddings=True,
+            num_key_value_heads=1,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        ),
+        id="qwen3-mqa-linear-tied",
+    ),
+    pytest.param(partial(make_phi3), id="phi3-fused-untied"),
+    pytest.param(
+        partial(make_phi3, tie_word_embeddings=True, partial_rotary_factor=0.5),
+        id="phi3-fused-partial-rotary-tied",
+    ),
 ]
+
+
+def test_every_family_has_a_parity_case():
+    ids = " ".join(p.id for p in CASES)
+    assert all(spec.arch in ids for spec in FAMILIES)
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -90,6 +115,15 @@ def test_logits_match_transformers(pair, request):
     assert report(request.node.name, ref, out) <= TOL
     last = ours.model(ids, positions=positions, logits_at=torch.tensor([23, 5]))
     torch.testing.assert_close(last, torch.stack([out[0, 23], out[1, 5]]), atol=1e-5, rtol=0)
+
+
+def test_module_paths_are_the_transformers_paths(pair):
+    """Same state-dict keys as the HF model (so PEFT keys map 1:1), and the family's default
+    LoRA targets name real layers."""
+    hf, ours = pair
+    assert set(ours.model.state_dict()) == set(hf.state_dict())
+    targets = target_names(ours.model, ours.config.spec.lora_targets)
+    assert len(targets) == ours.config.num_layers * len(ours.config.spec.lora_targets)
 
 
 def garbage_cache(config: ModelConfig, max_batch: int, max_seq: int) -> KVCache:
@@ -294,6 +328,95 @@ def test_model_types():
         ModelConfig.from_hf({**LLAMA_V4, "model_type": "falcon"})
     with pytest.raises(ModelLoadError, match="hidden_size"):
         ModelConfig.from_hf({k: v for k, v in LLAMA_V4.items() if k != "hidden_size"})
+
+
+def test_unknown_model_type_is_refused_by_name_with_the_supported_list():
+    supported = "gpt2, llama, mistral, phi3, qwen2, qwen3"
+    with pytest.raises(UnsupportedModel, match=f"'falcon'.*{supported}"):
+        ModelConfig.from_hf({**LLAMA_V4, "model_type": "falcon"})
+    with pytest.raises(UnsupportedModel, match="None"):
+        ModelConfig.from_hf({k: v for k, v in LLAMA_V4.items() if k != "model_type"})
+    bare = {k: v for k, v in LLAMA_V4.items() if k != "model_type"}
+    mistral = {**bare, "architectures": ["MistralForCausalLM"], "rope_scaling": None}
+    assert ModelConfig.from_hf(mistral).model_type == "mistral"
+    with pytest.raises(UnsupportedModel, match="unknown arch 'falcon'"):
+        ModelConfig.from_hf(LLAMA_V4).replace(arch="falcon")
+
+
+# Shipped config.json files (Qwen/Qwen3-0.6B; microsoft/Phi-3-mini-4k-instruct, v4 form).
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 28,
+    "model_type": "qwen3",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+PHI3_MINI_4K = {
+    "architectures": ["Phi3ForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "hidden_act": "silu",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 4096,
+    "model_type": "phi3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "sliding_window": 2047,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 32064,
+}
+
+
+def test_qwen3_and_phi3_configs():
+    qwen3 = ModelConfig.from_hf(QWEN3_0_6B)
+    assert (qwen3.arch, qwen3.head_dim, qwen3.num_kv_heads) == ("qwen3", 128, 8)
+    assert qwen3.tie_word_embeddings and not qwen3.qkv_bias and qwen3.spec.layout.qk_norm
+    no_head_dim = {k: v for k, v in QWEN3_0_6B.items() if k != "head_dim"}
+    assert ModelConfig.from_hf({**no_head_dim, "hidden_size": 512}).head_dim == 128  # HF default
+    with pytest.raises(UnsupportedModel, match="attention_bias"):
+        ModelConfig.from_hf({**QWEN3_0_6B, "attention_bias": True})
+    with pytest.raises(UnsupportedModel, match="sliding_window=4096"):
+        ModelConfig.from_hf({**QWEN3_0_6B, "use_sliding_window": True, "sliding_window": 4096})
+    with pytest.raises(UnsupportedModel, match="sliding_window=2047"):
+        ModelConfig.from_hf(PHI3_MINI_4K)
+    phi3 = ModelConfig.from_hf({**PHI3_MINI_4K, "sliding_window": None})
+    assert (phi3.arch, phi3.head_dim, phi3.rotary_dim, phi3.tie_word_embeddings) == (
+        "phi3",
+        96,
+        96,
+        False,
+    )
+    partial = {**PHI3_MINI_4K, "sliding_window": None, "partial_rotary_factor": 0.75}
+    assert ModelConfig.from_hf(partial).rotary_dim == 72
+    longrope = {"type": "longrope", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48}
+    with pytest.raises(UnsupportedModel, match="'longrope'"):
+        ModelConfig.from_hf({**PHI3_MINI_4K, "sliding_window": None, "rope_scaling": longrope})
+    with pytest.raises(UnsupportedModel, match="partial_rotary_factor"):  # Llama ignores it
+        ModelConfig.from_hf({**QWEN3_0_6B, "partial_rotary_factor": 0.5})
 
 
 # -- file errors ---------------------------------------------------------------------------------

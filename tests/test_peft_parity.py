@@ -5,9 +5,16 @@ random LoRA (``init_lora_weights=False``, so B is not zero and a wrong scale or 
 and ``save_pretrained``s it; we ``read_adapter`` the untouched folder, ``apply_adapter`` it to
 ``load_model`` of the same checkpoint and compare fp32 logits. The way back is checked too: a
 folder from ``write_peft`` loads in ``PeftModel.from_pretrained``.
+
+Every family is covered, Phi-3 with PEFT's own targets for it: the fused ``qkv_proj`` and
+``gate_up_proj`` (one LoRA over the whole fused output) plus ``o_proj`` and ``down_proj``. The
+last test serves Qwen3 and Phi-3 adapters through ``server.runtime.Runtime``, whose batched slot
+tables replace every Linear, fused ones included, and checks greedy tokens against the
+trainer-side reference decode.
 """
 
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -24,9 +31,22 @@ from adapters.format import (
 )
 from adapters.lora import linear_shapes
 from adapters.models import load_model
-from tests.checkpoints import VOCAB, hf_model, make_gpt2, make_llama, make_qwen2
+from server.engine import GenerationRequest
+from server.runtime import Runtime
+from server.sampling import SamplingParams
+from tests.checkpoints import (
+    VOCAB,
+    hf_model,
+    make_gpt2,
+    make_llama,
+    make_phi3,
+    make_qwen2,
+    make_qwen3,
+)
+from tests.serving import TARGETS, random_adapter, reference_greedy, serving_config
 
 ATOL = 1e-4
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # PEFT's for Phi-3
 
 CASES = {
     "gpt2-c_attn": (make_gpt2, {"target_modules": ["c_attn"], "fan_in_fan_out": True}),
@@ -52,6 +72,21 @@ CASES = {
     "qwen2-regex-rslora": (
         make_qwen2,
         {"target_modules": r".*\.(q|k|v)_proj", "r": 4, "lora_alpha": 4, "use_rslora": True},
+    ),
+    "qwen3-all-linear": (make_qwen3, {"target_modules": "all-linear", "r": 8, "lora_alpha": 16}),
+    "qwen3-patterns-tied": (
+        partial(make_qwen3, tie_word_embeddings=True),
+        {
+            "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"],
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {"k_proj": 2},
+        },
+    ),
+    "phi3-fused": (make_phi3, {"target_modules": PHI3_TARGETS, "r": 8, "lora_alpha": 16}),
+    "phi3-fused-partial-rotary-rslora-tied": (
+        partial(make_phi3, tie_word_embeddings=True, partial_rotary_factor=0.5),
+        {"target_modules": PHI3_TARGETS, "r": 4, "lora_alpha": 8, "use_rslora": True},
     ),
 }
 
@@ -97,7 +132,7 @@ def test_peft_adapter_matches_peft_model(tmp_path, case, ids):
     assert diff <= ATOL
 
 
-@pytest.mark.parametrize("case", ["gpt2-c_attn", "llama-patterns"])
+@pytest.mark.parametrize("case", ["gpt2-c_attn", "llama-patterns", "phi3-fused"])
 def test_written_peft_folder_loads_in_peft(tmp_path, case, ids):
     checkpoint, folder, peft_model = peft_adapter(tmp_path, case)
     adapter = read_adapter(folder)
@@ -129,3 +164,39 @@ def test_single_file_round_trip_runs_identically(tmp_path, ids):
     other_base = load_model(make_llama(tmp_path, name="other", seed=1))
     with pytest.raises(FingerprintMismatch, match=loaded.fingerprint):
         validate_adapter(back, linear_shapes(other_base.model), other_base.fingerprint)
+
+
+SERVED = {
+    "qwen3": (make_qwen3, TARGETS),
+    "phi3": (make_phi3, tuple(PHI3_TARGETS)),
+}
+PROMPTS = [[5, 17, 42], [7, 7, 100, 250, 3, 9], [200]]
+NEW = 8
+
+
+@pytest.mark.parametrize("family", list(SERVED))
+def test_server_batched_lora_matches_the_reference_decode(tmp_path, family):
+    make, targets = SERVED[family]
+    model = make(tmp_path)
+    adapter = random_adapter(model, "task", seed=0, targets=targets)
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    write_adapter(adapters / "task.safetensors", adapter)
+    jobs = [(name, p) for name in ("task", "") for p in range(len(PROMPTS))]
+    want = [reference_greedy(model, adapter if name else None, PROMPTS[p], NEW) for name, p in jobs]
+    assert want[: len(PROMPTS)] != want[len(PROMPTS) :], "the adapter must change the output"
+
+    runtime = Runtime(serving_config(model, adapters)).start()
+    try:
+        fused = {"phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}.get(family, ())
+        assert all(f"model.layers.0.{name}" in runtime.table.layers for name in fused)
+        handles = [
+            runtime.engine.submit(
+                GenerationRequest(tuple(PROMPTS[p]), SamplingParams(max_new_tokens=NEW), name)
+            )
+            for name, p in jobs
+        ]  # one mixed batch: adapter and base rows together
+        got = [h.result().token_ids for h in handles]
+    finally:
+        runtime.stop()
+    assert got == want

@@ -1,8 +1,15 @@
 """Base causal LMs in plain PyTorch (no transformers at run time) and their checkpoint loader.
 
-Every model built by `build_model(config)` / returned by `load_model(path)` has module paths that
-mirror Hugging Face's *ForCausalLM, uses nn.Linear for every projection (so LoRA can be swapped
-in by module name), never samples, and has this forward:
+Layout: each supported family (GPT-2, Llama/Mistral, Qwen2, Qwen3, Phi-3) is one `ArchSpec`
+declaration in `families/` (HF model types, config parsing, module names, block layout, default
+LoRA targets, checkpoint weight layout) over one shared shell, `model.CausalLM`. `config.py`
+parses config.json into a `ModelConfig`, `loading.py` reads checkpoint folders, `attention.py`
+holds the KV cache, `rope.py` the rotary embedding.
+
+Every model built by `build_model(config)` / returned by `load_model(path)` is a `CausalLM`
+whose module paths mirror Hugging Face's *ForCausalLM, uses nn.Linear for every projection
+(fused ones included, so LoRA can be swapped in by module name), never samples, and has this
+forward:
 
     logits = model(input_ids, positions=None, kv_cache=None, cache_rows=None, logits_at=None)
 
@@ -18,18 +25,25 @@ in by module name), never samples, and has this forward:
 
 from .attention import KVCache
 from .config import ModelConfig, ModelLoadError, UnsupportedModel
-from .gpt2 import GPT2ForCausalLM
-from .llama import LlamaForCausalLM
+from .families import FAMILIES, spec_for_arch, supported_model_types
 from .loading import (
-    CausalLM,
     LoadedModel,
     build_model,
     load_model,
     model_fingerprint,
     read_config,
 )
+from .model import CausalLM
+from .specs import ArchSpec, BlockLayout, ModuleNames
+
+# Older names, from when GPT-2 and Llama had their own classes: both are the one shell now,
+# which builds whatever family config.arch names.
+GPT2ForCausalLM = LlamaForCausalLM = CausalLM
 
 __all__ = [
+    "FAMILIES",
+    "ArchSpec",
+    "BlockLayout",
     "CausalLM",
     "GPT2ForCausalLM",
     "KVCache",
@@ -37,9 +51,12 @@ __all__ = [
     "LoadedModel",
     "ModelConfig",
     "ModelLoadError",
+    "ModuleNames",
     "UnsupportedModel",
     "build_model",
     "load_model",
     "model_fingerprint",
     "read_config",
+    "spec_for_arch",
+    "supported_model_types",
 ]

@@ -40,7 +40,8 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        if config.arch == "gpt2" and max_seq > config.max_position_embeddings:
+        learned = config.spec.layout.positions == "learned"
+        if learned and max_seq > config.max_position_embeddings:
             # learned position embeddings: a position past the table is a CUDA device assert
             raise ValueError(
                 f"max_seq={max_seq} > max_position_embeddings={config.max_position_embeddings}"

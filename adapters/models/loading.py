@@ -8,10 +8,13 @@ Contract:
   parameter frozen (requires_grad=False): LoRA modules swapped in later bring their own.
 - dtype: None -> float32; "auto" -> config.json's dtype (float32 when absent); a torch.dtype or
   its name ("bfloat16") -> that dtype. Logits come out float32 regardless.
-- Tensor names: GPT-2 with or without the `transformer.` prefix (GPT2LMHeadModel vs GPT2Model),
-  Conv1D [in, out] weights transposed to nn.Linear layout, the causal-mask buffers of old GPT-2
-  files and `rotary_emb.inv_freq` of old Llama files ignored. Tied embeddings: lm_head is the
-  embedding and any lm_head.weight in the file is ignored; untied: lm_head.weight is required.
+- Tensor names are the family's HF names (`config.spec.names`), with or without the root prefix
+  (`model.` / `transformer.`: *ForCausalLM vs the bare *Model). Families with `spec.conv1d`
+  (GPT-2) have their [in, out] block weights transposed to nn.Linear layout; the spec's
+  `ignored_suffixes` (old GPT-2 files' causal masks) and old files' `rotary_emb.inv_freq` are
+  skipped. Fused layers (Phi-3's qkv_proj, gate_up_proj) load as stored. Tied embeddings:
+  lm_head is the embedding and any lm_head.weight in the file is ignored; untied:
+  lm_head.weight is required.
 - Every problem is a `ModelLoadError` (a ValueError) naming the file or tensor: missing files,
   pickle-only checkpoints (with how to convert), unreadable safetensors, missing / unexpected /
   wrongly shaped tensors. Unsupported architectures raise `UnsupportedModel` from the config.
@@ -34,10 +37,9 @@ from torch import Tensor
 from adapters.tokenizer import Tokenizer
 
 from .config import ModelConfig, ModelLoadError
-from .gpt2 import GPT2ForCausalLM
-from .llama import LlamaForCausalLM
+from .model import CausalLM
 
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+ROPE_BUFFERS = (".rotary_emb.inv_freq",)  # recomputed by RotaryEmbedding, saved by old files
 FINGERPRINT_FIELDS = (
     "arch",
     "vocab_size",
@@ -54,9 +56,6 @@ CONVERT_HINT = (
 )
 
 
-CausalLM = GPT2ForCausalLM | LlamaForCausalLM
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     model: CausalLM
@@ -70,9 +69,8 @@ def build_model(
     config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> CausalLM:
     """A randomly initialised model (HF's std-0.02 init) for the config."""
-    cls = GPT2ForCausalLM if config.arch == "gpt2" else LlamaForCausalLM
     with torch.device(device):
-        model = cls(config)
+        model = CausalLM(config)
     return model.to(dtype) if dtype is not None else model
 
 
@@ -170,24 +168,25 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_tensors(path: Path, config: ModelConfig):
     """Yield (our module path, tensor as stored) for every tensor the model uses."""
-    files = weight_files(path)
-    prefix = "transformer." if config.arch == "gpt2" else "model."
+    files, spec = weight_files(path), config.spec
+    prefix = spec.names.root + "."
+    ignored = spec.ignored_suffixes + ROPE_BUFFERS
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
                 keys = f.keys()
                 has_prefix = any(key.startswith(prefix) for key in keys)
                 for key in keys:
-                    if key.endswith(IGNORED_SUFFIXES):
+                    if key.endswith(ignored):
                         continue
                     name = key
                     if not has_prefix and not key.startswith("lm_head."):
-                        name = prefix + key  # saved from the bare GPT2Model / LlamaModel
+                        name = prefix + key  # saved from the bare *Model (GPT2Model, ...)
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue
                     tensor = f.get_tensor(key)
-                    if name.startswith("transformer.h.") and tensor.ndim == 2:
-                        tensor = tensor.t().contiguous()  # GPT-2 Conv1D [in, out] -> [out, in]
+                    if spec.conv1d and name.startswith(spec.blocks_prefix) and tensor.ndim == 2:
+                        tensor = tensor.t().contiguous()  # Conv1D [in, out] -> [out, in]
                     yield name, tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{file} is not a readable safetensors file: {e}") from e
@@ -211,7 +210,7 @@ def _check_shape(name: str, tensor: Tensor, expected: dict[str, torch.Size]) -> 
 
 
 def embedding_name(config: ModelConfig) -> str:
-    return "transformer.wte.weight" if config.arch == "gpt2" else "model.embed_tokens.weight"
+    return config.spec.embedding_key
 
 
 def model_fingerprint(config: ModelConfig, tensors: dict[str, Tensor]) -> str:

@@ -1,8 +1,9 @@
 """Rotary position embedding, Hugging Face "rotate-half" layout.
 
 Contract: `RotaryEmbedding(config)(positions, dtype)` maps Long[B, S] positions to (cos, sin),
-each [B, S, head_dim], computed in float32 and then cast to dtype (as transformers does);
-`apply_rope(x, cos, sin)` rotates x: [B, H, S, head_dim].
+each [B, S, rotary_dim], computed in float32 and then cast to dtype (as transformers does);
+`apply_rope(x, cos, sin)` rotates the first rotary_dim of x: [B, H, S, head_dim] and passes the
+rest through (rotary_dim = head_dim unless config.partial_rotary_factor < 1, as in Phi-3).
 Frequencies follow transformers' `_compute_*_parameters` exactly for rope types default, linear
 and llama3 (the config refuses every other type). They are kept in float32 whatever the model
 dtype: `Module.to(dtype)` would round them, so `_apply` recomputes them instead.
@@ -19,8 +20,8 @@ from .config import ModelConfig
 
 
 def inv_frequencies(config: ModelConfig, device: torch.device | str = "cpu") -> Tensor:
-    """float32 [head_dim // 2] inverse frequencies, scaled as config.rope_scaling says."""
-    dim = config.head_dim
+    """float32 [rotary_dim // 2] inverse frequencies, scaled as config.rope_scaling says."""
+    dim = config.rotary_dim
     # Same expression as transformers, so the float32 rounding matches bit for bit.
     inv_freq = 1.0 / (
         config.rope_theta
@@ -69,7 +70,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, rotary_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -79,5 +80,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, S, D]; cos, sin: [B, S, D] -> broadcast over heads
+    # x: [B, H, S, D]; cos, sin: [B, S, R], R <= D -> broadcast over heads
+    rotary_dim = cos.shape[-1]
+    if x.shape[-1] > rotary_dim:  # partial rotary: the last D - R dims pass through unrotated
+        rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat((apply_rope(rot, cos, sin), rest), dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]

@@ -1,0 +1,5 @@
+"""``python -m adapters.train ...``: the same as ``loraserve-train ...``."""
+
+from .cli import main
+
+raise SystemExit(main())
