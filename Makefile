@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_TORCH_ARGS) '$(TORCH)'
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ./client -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -54,10 +54,11 @@ peers:
 		fi; \
 	fi
 
-# Regenerate the committed gRPC stubs (a test fails when they are stale).
+# Regenerate the committed gRPC stubs (a test fails when they are stale). -I protos: the stubs
+# import each other as loraserve.v1, the proto package's own name.
 proto: install-test
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-		protos/loraserve/v1/inference.proto
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/loraserve/v1/inference.proto
 
 test: install-bench peers
 	$(VENV)/bin/ruff check .
@@ -72,7 +73,7 @@ serve: install
 # Rebuild the embedded demo (base model, tokenizer, data, 4 adapters) from scratch,
 # deterministically for a given machine and torch version; ~6-7 minutes on 2 CPU cores.
 demo-assets: install
-	$(PY) -m adapters.demo_recipe
+	$(PY) -m loraserve.adapters.demo_recipe
 
 # Benchmarks (bench/README.md): the full CPU suite ~15 min, the quick one ~2 min on 2 cores.
 bench: install-bench

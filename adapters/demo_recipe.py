@@ -1,7 +1,7 @@
 """Rebuild the embedded demo (``--model demo``) from scratch: a tiny base model and four task
 adapters made by the project's own trainer.
 
-    python -m adapters.demo_recipe [--out DIR] [--seed 0] [--threads 1]
+    python -m loraserve.adapters.demo_recipe [--out DIR] [--seed 0] [--threads 1]
 
 What it writes under DIR (default ``adapters/demo``, what ships in the package):
 
@@ -10,7 +10,7 @@ What it writes under DIR (default ``adapters/demo``, what ships in the package):
     train/       TASK.jsonl: the records each adapter is trained on
     eval/        TASK.jsonl: held-out {"prompt", "completion"} records (no eval word is ever
                  trained on, by the base or by an adapter)
-    adapters/    TASK.safetensors, written by ``adapters.train.train``
+    adapters/    TASK.safetensors, written by ``loraserve.adapters.train.train``
     report.json  the accuracy table, wall time per stage, the recipe
 
 The tasks. A sequence is ``<bos> prompt completion <eos>``, one token per character, over
@@ -49,13 +49,12 @@ import safetensors.torch
 import tokenizers
 import torch
 import torch.nn.functional as F
+from loraserve.adapters.demo_paths import DEMO_DIR
+from loraserve.adapters.format import apply_adapter, read_adapter
+from loraserve.adapters.models import CausalLM, ModelConfig, build_model, load_model
+from loraserve.adapters.tokenizer import Tokenizer
+from loraserve.adapters.train import TrainConfig, TrainResult, greedy_complete, train
 from torch import Tensor, nn
-
-from adapters.demo_paths import DEMO_DIR
-from adapters.format import apply_adapter, read_adapter
-from adapters.models import CausalLM, ModelConfig, build_model, load_model
-from adapters.tokenizer import Tokenizer
-from adapters.train import TrainConfig, TrainResult, greedy_complete, train
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer: one token per printable ASCII character, plus three specials.
@@ -476,7 +475,7 @@ def _write_json(path: Path, obj) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = Recipe()
     parser = argparse.ArgumentParser(
-        prog="python -m adapters.demo_recipe", description=__doc__.split("\n\n")[0]
+        prog="python -m loraserve.adapters.demo_recipe", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="where to write the demo")
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -11,7 +11,8 @@ For a frozen linear layer ``W: in -> out`` a LoRA adapter adds a low-rank path::
 Why B starts at zero: a fresh adapter then leaves the model exactly as it was, and training moves
 it away from the base smoothly. Why A is kaiming-uniform: it keeps ``x A`` at the scale of ``x``.
 
-What ``s`` is depends on who made the adapter (the file records which, see ``adapters.format``):
+What ``s`` is depends on who made the adapter (the file records which, see
+``loraserve.adapters.format``):
 
 - the classic formulation (``LoRALayer(in, out, rank, alpha)``): ``s = alpha``;
 - PEFT: ``s = lora_alpha / r``; with ``use_rslora``: ``s = lora_alpha / sqrt(r)`` (``peft_scale``).

@@ -7,7 +7,7 @@
 The checkpoint is made by ``transformers`` (``LlamaConfig`` + ``save_pretrained``), so PEFT and
 loraserve read the very same files. It has no EOS token, so every request generates exactly
 ``max_new_tokens`` tokens in both. Adapters adapt every linear layer but ``lm_head`` and are
-written as PEFT folders (``adapters.format.write_peft``): the one form both PEFT and the
+written as PEFT folders (``loraserve.adapters.format.write_peft``): the one form both PEFT and the
 loraserve registry read. The same (spec, rank, index) always gives the same weights.
 """
 
@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from adapters.format import LoRAConfig, build_adapter, write_peft
-from adapters.lora import linear_shapes
-from adapters.models import load_model
+from loraserve.adapters.format import LoRAConfig, build_adapter, write_peft
+from loraserve.adapters.lora import linear_shapes
+from loraserve.adapters.models import load_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -145,7 +144,7 @@ def random_adapter(
 
 def adapted_shapes(ckpt: Path) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of every layer the bench adapters adapt (built on the meta device)."""
-    from adapters.models import build_model, read_config
+    from loraserve.adapters.models import build_model, read_config
 
     model = build_model(read_config(ckpt), device="meta")
     return [s for n, s in linear_shapes(model).items() if n.endswith(TARGETS)]
@@ -157,7 +156,7 @@ def adapter_bytes(shapes: list[tuple[int, int]], rank: int, element_size: int) -
 
 
 def parameter_count(ckpt: Path) -> int:
-    from adapters.models import build_model, read_config
+    from loraserve.adapters.models import build_model, read_config
 
     model = build_model(read_config(ckpt), device="meta")
     return sum(p.numel() for p in model.parameters())

@@ -70,7 +70,7 @@ def server_config(
 ):
     """The ``ServerConfig`` every bench run uses: all adapters fit in device and host slots (the
     steady state of a warm server), no metrics endpoint, no folder polling during timing."""
-    from server.runtime import ServerConfig
+    from loraserve.server.runtime import ServerConfig
 
     return ServerConfig(
         model=str(model),
@@ -184,7 +184,7 @@ def build_runtime(config, thread: str = "caller"):
     thread that exits before the engine runs ("ephemeral"; see bench/README.md: libgomp keeps
     one worker pool per thread that ran a parallel op, and a second live pool slows every small
     op the engine thread runs)."""
-    from server.runtime import Runtime
+    from loraserve.server.runtime import Runtime
 
     if thread == "caller":
         return Runtime(config).start()
@@ -206,8 +206,8 @@ def build_runtime(config, thread: str = "caller"):
 
 def run_engine(config, work: Workload, vocab: int, thread: str = "caller") -> dict:
     """Time ``work`` through the engine of ``Runtime(config)`` on this process."""
-    from server.engine import GenerationRequest
-    from server.sampling import SamplingParams
+    from loraserve.server.engine import GenerationRequest
+    from loraserve.server.sampling import SamplingParams
 
     runtime = build_runtime(config, thread)
     try:
@@ -248,7 +248,7 @@ class ServerThread:
     """A real ``LoraServer`` on a loopback port, on an event loop thread of its own."""
 
     def __init__(self, config):
-        from server.app import LoraServer
+        from loraserve.server.app import LoraServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -275,7 +275,7 @@ class ServerThread:
 def run_grpc(config, work: Workload, vocab: int, clients: int) -> dict:
     """Time ``work`` through a real gRPC server with ``clients`` concurrent client threads, each
     with its own channel, taking requests from a shared list in order."""
-    from client import LoraClient
+    from loraserve.client import LoraClient
 
     server = ServerThread(config)
     conns = [LoraClient(server.target) for _ in range(clients)]

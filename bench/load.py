@@ -3,7 +3,8 @@
     python -m bench.load [--quick] [--device cuda --dtype bfloat16] [--out DIR]
 
 **Load** (what a platform serving a long tail of tasks sees). A real ``loraserve-server``
-process (``python -m server``) on loopback, a real ``/metrics`` endpoint, and this process as
+process (``python -m loraserve.server``) on loopback, a real ``/metrics`` endpoint, and this
+process as
 the client: requests arrive open-loop (Poisson, so a slow server does not slow the arrivals),
 each streams ``new_tokens`` greedy tokens for a ``prompt_len``-token prompt, and picks its
 adapter by Zipf popularity (``p(k) ~ 1/k^s``). Two servers get the same load:
@@ -131,7 +132,7 @@ def adapter_pool(ckpt: Path, rank: int, n: int, cache_dir: Path) -> list[Path]:
     paths = [folder / f"{ck.adapter_name(i)}.safetensors" for i in range(n)]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
-        from adapters.format import write_adapter
+        from loraserve.adapters.format import write_adapter
 
         config, shapes = _adapter_config(ckpt, rank)
         t0 = time.monotonic()
@@ -142,7 +143,7 @@ def adapter_pool(ckpt: Path, rank: int, n: int, cache_dir: Path) -> list[Path]:
 
 
 def _adapter_config(ckpt: Path, rank: int):
-    from adapters.format import LoRAConfig
+    from loraserve.adapters.format import LoRAConfig
 
     shapes, fingerprint = _base_facts(ckpt)
     config = LoRAConfig(
@@ -154,8 +155,8 @@ def _adapter_config(ckpt: Path, rank: int):
 @functools.cache
 def _base_facts(ckpt: Path) -> tuple[dict[str, tuple[int, int]], str]:
     """The adapted layers' shapes and the base fingerprint (the model is loaded once)."""
-    from adapters.lora import linear_shapes
-    from adapters.models import load_model
+    from loraserve.adapters.lora import linear_shapes
+    from loraserve.adapters.models import load_model
 
     loaded = load_model(ckpt)
     shapes = {n: s for n, s in linear_shapes(loaded.model).items() if n.endswith(ck.TARGETS)}
@@ -192,7 +193,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server`` on loopback with a metrics port; started, waited for, stopped."""
+    """``python -m loraserve.server`` on loopback with a metrics port; started, waited for,
+    stopped."""
 
     def __init__(self, args: list[str], log_path: Path, ready_timeout: float = 900.0):
         self.port, self.metrics_port = free_port(), free_port()
@@ -211,7 +213,7 @@ class ServerProcess:
         self.start_s = round(time.monotonic() - t0, 2)
 
     def _wait_ready(self, timeout: float) -> None:
-        from client import LoraClient, LoraServeError
+        from loraserve.client import LoraClient, LoraServeError
 
         end = time.monotonic() + timeout
         with LoraClient(self.target, retries=0) as client:
@@ -316,7 +318,7 @@ async def drive(
     timeout: float = 900.0,
 ) -> list[RequestLog]:
     """Send request ``i`` at ``times[i]`` on adapter ``names[picks[i]]``, streaming; open loop."""
-    from client import AsyncLoraClient, LoraServeError
+    from loraserve.client import AsyncLoraClient, LoraServeError
 
     clients = [AsyncLoraClient(target, retries=0) for _ in range(channels)]
     ps = prompts(len(times), prompt_len, vocab)
@@ -452,8 +454,8 @@ def cold_loads(
     deadline: float = 60.0,
 ) -> tuple[dict, list[Path]]:
     """Rename -> first token, per rank; returns the times and the files (kept in ``folder``)."""
-    from adapters.format import write_adapter
-    from client import AdapterNotFoundError, LoraClient
+    from loraserve.adapters.format import write_adapter
+    from loraserve.client import AdapterNotFoundError, LoraClient
 
     results, files = {}, []
     prompt = prompts(1, 8, vocab)[0]
@@ -493,10 +495,9 @@ def disk_to_device(ckpt: Path, files: list[Path], device: str, dtype: str, max_r
     """The server's disk -> device path, in this process, per rank: read + validate (disk ->
     host) and slot fill (host -> device), page cache dropped before each read."""
     import torch
-
-    from adapters.format import read_adapter, validate_adapter
-    from adapters.lora import linear_shapes, replace_linear_with_batched_lora
-    from adapters.models import load_model
+    from loraserve.adapters.format import read_adapter, validate_adapter
+    from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora
+    from loraserve.adapters.models import load_model
 
     dev = torch.device(device)
     loaded = load_model(ckpt, dev, getattr(torch, dtype))
@@ -547,14 +548,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_suite(args: argparse.Namespace, plan: Plan | None = None, ckpt: Path | None = None) -> dict:
     """The whole suite; ``plan`` and ``ckpt`` default to ``make_plan(args.quick)`` and the
     hidden-512 bench checkpoint (tests pass a tiny model and plan)."""
-    from adapters.models import read_config
+    from loraserve.adapters.models import read_config
 
     t_start = time.monotonic()
     plan = plan or make_plan(args.quick)
     if args.duration:
         plan = replace(plan, duration=args.duration)
     ckpt = ckpt or ck.checkpoint(ck.SMALL, args.cache_dir)
-    from adapters.tokenizer import Tokenizer
+    from loraserve.adapters.tokenizer import Tokenizer
 
     config = read_config(ckpt)
     vocab = min(config.vocab_size, Tokenizer(ckpt / "tokenizer.json").vocab_size)

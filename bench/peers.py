@@ -261,7 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.cache_dir = args.cache_dir or ck.default_cache_dir()
     if args.backend is None:
-        from server.runtime import ServerConfig
+        from loraserve.server.runtime import ServerConfig
 
         args.backend = ServerConfig().lora_backend
     return args

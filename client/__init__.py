@@ -1,6 +1,6 @@
 """loraserve client: typed sync and async gRPC clients and the ``loraserve`` CLI.
 
-    from client import LoraClient
+    from loraserve.client import LoraClient
 
     with LoraClient("localhost:50051") as c:
         print(c.generate("Hello", adapter="sql", max_new_tokens=32).text)
@@ -8,8 +8,8 @@
 ``adapter=""`` is the base model alone. Errors are raised as ``LoraServeError`` subclasses.
 """
 
-from client.client import ADAPTER_METADATA_KEY, AsyncLoraClient, LoraClient
-from client.errors import (
+from loraserve.client.client import ADAPTER_METADATA_KEY, AsyncLoraClient, LoraClient
+from loraserve.client.errors import (
     AdapterInvalidError,
     AdapterNotFoundError,
     DeadlineExceededError,
@@ -19,7 +19,7 @@ from client.errors import (
     UnavailableError,
     error_from_rpc,
 )
-from client.types import (
+from loraserve.client.types import (
     AdapterInfo,
     AdapterState,
     Completion,

@@ -28,9 +28,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from client.client import LoraClient
-from client.errors import LoraServeError
-from client.types import AdapterInfo
+from loraserve.client.client import LoraClient
+from loraserve.client.errors import LoraServeError
+from loraserve.client.types import AdapterInfo
 
 DEFAULT_TARGET = "localhost:50051"
 BASE_MODEL_NAMES = ("base", "-")

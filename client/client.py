@@ -1,6 +1,6 @@
 """Typed clients for the loraserve gRPC API: ``LoraClient`` (blocking) and ``AsyncLoraClient``
-(``grpc.aio``). Both take and return the dataclasses of ``client.types`` and raise the
-exceptions of ``client.errors``; protobuf and ``grpc.RpcError`` never reach the caller.
+(``grpc.aio``). Both take and return the dataclasses of ``loraserve.client.types`` and raise the
+exceptions of ``loraserve.client.errors``; protobuf and ``grpc.RpcError`` never reach the caller.
 
 Contract shared by both:
 
@@ -41,11 +41,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from client.errors import UnavailableError, error_from_rpc, status_code_of
-from client.types import AdapterInfo, Completion, SamplingParams, ServerInfo, StreamChunk
-from protos.loraserve.v1 import inference_pb2 as pb
-from protos.loraserve.v1 import inference_pb2_grpc
+from loraserve.client.errors import UnavailableError, error_from_rpc, status_code_of
+from loraserve.client.types import AdapterInfo, Completion, SamplingParams, ServerInfo, StreamChunk
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
 
 ADAPTER_METADATA_KEY = "x-lora-adapter"
 SERVICE_NAME = "loraserve.v1.LoraInference"

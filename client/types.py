@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields
 
-from protos.loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2 as pb
 
 
 class FinishReason(str, enum.Enum):

@@ -36,7 +36,7 @@ if [ "$model" = demo ] && [ -n "$adapters" ] && [ -d "$adapters" ] && [ -w "$ada
     && [ -z "$(ls -A "$adapters")" ]; then
     # before the server starts, so no watcher sees a half-copied file
     python -c 'import shutil, sys
-from adapters.demo_paths import demo_adapters_dir
+from loraserve.adapters.demo_paths import demo_adapters_dir
 shutil.copytree(demo_adapters_dir(), sys.argv[1], dirs_exist_ok=True)' "$adapters"
     echo "loraserve-entrypoint: seeded $adapters with the demo adapters" >&2
 fi

@@ -1,4 +1,5 @@
-"""``loraserve-server`` / ``python -m server``: parse flags once into a ``ServerConfig``, serve
+"""``loraserve-server`` / ``python -m loraserve.server``: parse flags once into a ``ServerConfig``,
+serve
 until SIGTERM or SIGINT, drain, exit 0."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import logging
 import signal
 import sys
 
-from server.app import LoraServer
-from server.config import ServerConfig, add_arguments, from_args
+from loraserve.server.app import LoraServer
+from loraserve.server.config import ServerConfig, add_arguments, from_args
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

@@ -5,7 +5,8 @@
 - Host tier: an LRU of loaded ``Adapter``s keyed by version, bounded by count and by bytes.
   Misses are loaded on a background thread, so the engine never waits on disk; when a load
   lands the engine is woken to admit the requests that waited for it.
-- Device tier: the slot table of ``adapters.lora.LoRASlotTable`` (``--max-active-adapters``
+- Device tier: the slot table of ``loraserve.adapters.lora.LoRASlotTable``
+(``--max-active-adapters``
   slots). A slot is pinned while any running sequence uses it; eviction picks the least
   recently used *unpinned* slot, and only once the newcomer is loaded and validated, so a
   broken file never costs a working adapter its slot. When every slot is pinned the request
@@ -30,11 +31,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-from adapters.format import Adapter, InvalidAdapter
-from adapters.lora import LoRASlotTable
-from server.errors import AdapterUnavailable
-from server.registry import AdapterEntry, AdapterRegistry
+from loraserve.adapters.format import Adapter, InvalidAdapter
+from loraserve.adapters.lora import LoRASlotTable
+from loraserve.server.errors import AdapterUnavailable
+from loraserve.server.registry import AdapterEntry, AdapterRegistry
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,10 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from protos.loraserve.v1 import inference_pb2
-from server.metrics import Metrics
-from server.runtime import Runtime, ServerConfig
-from server.servicer import LoraInferenceServicer, add_to_server
+from loraserve.server.metrics import Metrics
+from loraserve.server.runtime import Runtime, ServerConfig
+from loraserve.server.servicer import LoraInferenceServicer, add_to_server
+from loraserve.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.lora import BatchedLoRALinear
-from server.engine import EngineConfig
-from server.resources import parse_bytes
+from loraserve.adapters.lora import BatchedLoRALinear
+from loraserve.server.engine import EngineConfig
+from loraserve.server.resources import parse_bytes
 
 
 def _port_or_off(text: str) -> int | None:

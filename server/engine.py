@@ -16,7 +16,7 @@ Continuous batching. Every ``step``:
 4. decodes one token for every sequence that was already running, in one forward.
 
 Rows of different adapters share each forward: every token carries its adapter's slot in the
-batched LoRA layers (``adapters.lora.BatchedLoRALinear``), slot 0 being the base model.
+batched LoRA layers (``loraserve.adapters.lora.BatchedLoRALinear``), slot 0 being the base model.
 
 KV cache: static per-sequence rows. ``max_batch_size`` rows of ``max_seq_len`` positions are
 allocated once at start-up; a sequence takes a free row when admitted and gives it back the step
@@ -49,10 +49,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-
-from adapters.tokenizer import IncrementalDetokenizer
-from server.errors import InvalidRequest, NonFiniteLogits, QueueFull, ServingError, ShuttingDown
-from server.sampling import (
+from loraserve.adapters.tokenizer import IncrementalDetokenizer
+from loraserve.server.errors import (
+    InvalidRequest,
+    NonFiniteLogits,
+    QueueFull,
+    ServingError,
+    ShuttingDown,
+)
+from loraserve.server.sampling import (
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
     MIN_TEMPERATURE,
@@ -168,7 +173,7 @@ class BaseOnlyAdapters:
     """The adapter side of an engine that serves the base model alone (mock-model tests)."""
 
     def resolve(self, name: str):
-        from server.errors import AdapterNotFound
+        from loraserve.server.errors import AdapterNotFound
 
         raise AdapterNotFound(name)
 

@@ -1,9 +1,10 @@
 """Domain errors raised inside the server. The gRPC layer maps each to one status code.
 
-Nothing here knows about gRPC; ``server.servicer.status_for`` is the one place that translates.
+Nothing here knows about gRPC; ``loraserve.server.servicer.status_for`` is the one place that
+translates.
 """
 
-from adapters.format import InvalidAdapter
+from loraserve.adapters.format import InvalidAdapter
 
 
 class ServingError(Exception):

@@ -32,8 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.format import MAX_ADAPTER_BYTES, NAME_RE, Adapter, InvalidAdapter, read_adapter
-from server.errors import AdapterNotFound, AdapterUnavailable
+from loraserve.adapters.format import (
+    MAX_ADAPTER_BYTES,
+    NAME_RE,
+    Adapter,
+    InvalidAdapter,
+    read_adapter,
+)
+from loraserve.server.errors import AdapterNotFound, AdapterUnavailable
 
 log = logging.getLogger(__name__)
 

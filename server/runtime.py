@@ -6,11 +6,13 @@
                          ▲
                   folder watcher
 
-``Runtime`` owns the parts and their order of start and stop. The gRPC layer (``server.app``)
+``Runtime`` owns the parts and their order of start and stop. The gRPC layer
+(``loraserve.server.app``)
 and tests use it the same way: ``Runtime(config).start()`` ... ``stop(grace)``.
 
 Before it allocates the KV cache and slot tables it sets torch's CPU threads and checks the
-memory plan (``server.resources``): a server that cannot fit says so at start-up, naming the
+memory plan (``loraserve.server.resources``): a server that cannot fit says so at start-up, naming
+the
 knobs, instead of being killed later.
 """
 
@@ -22,23 +24,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from adapters.demo_paths import demo_adapters_dir, demo_base_dir
-from adapters.format import Adapter, WeightsOutOfRange, validate_adapter
-from adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
-from adapters.models import KVCache, load_model
-from server.adapter_cache import AdapterCache, HostCache
-from server.config import ServerConfig
-from server.engine import Engine
-from server.metrics import Metrics
-from server.registry import AdapterRegistry
-from server.resources import (
+from loraserve.adapters.demo_paths import demo_adapters_dir, demo_base_dir
+from loraserve.adapters.format import Adapter, WeightsOutOfRange, validate_adapter
+from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
+from loraserve.adapters.models import KVCache, load_model
+from loraserve.server.adapter_cache import AdapterCache, HostCache
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine import Engine
+from loraserve.server.metrics import Metrics
+from loraserve.server.registry import AdapterRegistry
+from loraserve.server.resources import (
     available_cpus,
     available_memory,
     max_adapter_bytes,
     plan_memory,
 )
-from server.watcher import AdapterWatcher
+from loraserve.server.watcher import AdapterWatcher
 
 __all__ = ["SERVER_VERSION", "Runtime", "ServerConfig"]
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from loraserve.server.errors import NonFiniteLogits, ServingError
 from torch import Tensor
-
-from server.errors import NonFiniteLogits, ServingError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256

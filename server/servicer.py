@@ -23,13 +23,10 @@ import time
 
 import grpc
 from google.protobuf.message import DecodeError
-
-from adapters.format import NAME_RE, InvalidAdapter
-from adapters.tokenizer import UnencodableText
-from protos.loraserve.v1 import inference_pb2 as pb
-from protos.loraserve.v1 import inference_pb2_grpc
-from server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
-from server.errors import (
+from loraserve.adapters.format import NAME_RE, InvalidAdapter
+from loraserve.adapters.tokenizer import UnencodableText
+from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
+from loraserve.server.errors import (
     AdapterNotFound,
     AdapterUnavailable,
     InvalidRequest,
@@ -38,8 +35,10 @@ from server.errors import (
     ServingError,
     ShuttingDown,
 )
-from server.runtime import SERVER_VERSION, Runtime
-from server.sampling import SamplingParams
+from loraserve.server.runtime import SERVER_VERSION, Runtime
+from loraserve.server.sampling import SamplingParams
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from server.registry import AdapterRegistry, adapter_name_for
+from loraserve.server.registry import AdapterRegistry, adapter_name_for
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,9 @@ import asyncio
 import threading
 
 import grpc
-
-from protos.loraserve.v1 import inference_pb2_grpc
-from server.app import LoraServer
-from server.runtime import ServerConfig
+from loraserve.server.app import LoraServer
+from loraserve.server.runtime import ServerConfig
+from loraserve.v1 import inference_pb2_grpc
 
 
 class ServerThread:

@@ -2,7 +2,7 @@
 the shipped ``deploy/haproxy/haproxy.cfg`` (only its listeners and DNS server rewritten), all
 on loopback.
 
-    replica = Replica.start(model, adapters_dir, log_dir / "r1.log")   # python -m server
+    replica = Replica.start(model, adapters_dir, log_dir / "r1.log")   # python -m loraserve.server
     replica.wait_ready()             # model loaded; .target and .metrics_port known
     replica.requests()               # {(adapter, code): count} from its /metrics
     dns = DNS(["127.0.0.1", "127.0.0.2"])   # answers every A query with these addresses

@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import torch
-
-from adapters.format import Adapter, LoRAConfig, apply_adapter, build_adapter
-from adapters.lora import linear_shapes
-from adapters.models import load_model
-from server.runtime import ServerConfig
+from loraserve.adapters.format import Adapter, LoRAConfig, apply_adapter, build_adapter
+from loraserve.adapters.lora import linear_shapes
+from loraserve.adapters.models import load_model
+from loraserve.server.runtime import ServerConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -21,8 +21,7 @@ from concurrent import futures
 
 import grpc
 import pytest
-
-from client import (
+from loraserve.client import (
     AdapterInfo,
     AdapterInvalidError,
     AdapterNotFoundError,
@@ -39,9 +38,9 @@ from client import (
     ServerInfo,
     UnavailableError,
 )
-from client.cli import main
-from protos.loraserve.v1 import inference_pb2 as pb
-from protos.loraserve.v1 import inference_pb2_grpc
+from loraserve.client.cli import main
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
 
 STREAM_PIECES = ("Hel", "lo", " world")
 VERSION = "3f2a9c" + "0" * 58

@@ -14,9 +14,8 @@ import string
 
 import pytest
 import torch
-
-from adapters.demo_paths import DEMO_DIR, demo_adapters_dir, demo_base_dir
-from adapters.demo_recipe import (
+from loraserve.adapters.demo_paths import DEMO_DIR, demo_adapters_dir, demo_base_dir
+from loraserve.adapters.demo_recipe import (
     ADAPTER_TASKS,
     BOS_ID,
     EOS_ID,
@@ -36,14 +35,15 @@ from adapters.demo_recipe import (
     task_record,
     write_tokenizer,
 )
-from adapters.format import read_adapter, validate_adapter
-from adapters.lora import linear_shapes
-from adapters.models import load_model
-from adapters.train import Record, collate, tokenize_records
-from protos.loraserve.v1 import inference_pb2 as pb
-from server.engine import FinishReason, GenerationRequest
-from server.runtime import Runtime, ServerConfig
-from server.sampling import SamplingParams
+from loraserve.adapters.format import read_adapter, validate_adapter
+from loraserve.adapters.lora import linear_shapes
+from loraserve.adapters.models import load_model
+from loraserve.adapters.train import Record, collate, tokenize_records
+from loraserve.server.engine import FinishReason, GenerationRequest
+from loraserve.server.runtime import Runtime, ServerConfig
+from loraserve.server.sampling import SamplingParams
+from loraserve.v1 import inference_pb2 as pb
+
 from tests.grpc_server import ServerThread
 
 SAMPLE = 40  # eval records per adapter sent through the server

@@ -10,7 +10,8 @@ with real processes.
 - Kubernetes manifests, compose file, Dockerfiles and Envoy config are read as data: probes,
   GPU, ports, selectors, volumes, threads, and every server flag they pass parses with the
   real CLI. The images' entrypoint script runs for real (threads, demo-only seeding).
-- Three ``python -m server`` replicas share one adapters folder behind an HAProxy started from
+- Three ``python -m loraserve.server`` replicas share one adapters folder behind an HAProxy started
+from
   the shipped config (listeners and DNS server rewritten for loopback, replicas found by DNS):
   each adapter lands on exactly one replica, a new file is served through the balancer, and a
   replica stopped with SIGTERM hands its adapters to the others (and only its adapters) with
@@ -34,12 +35,12 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loraserve.adapters.demo_paths import demo_adapters_dir
+from loraserve.adapters.format import write_adapter
+from loraserve.client import AdapterNotFoundError, LoraClient
+from loraserve.server.__main__ import parse_args
+from loraserve.server.app import SERVICE
 
-from adapters.demo_paths import demo_adapters_dir
-from adapters.format import write_adapter
-from client import AdapterNotFoundError, LoraClient
-from server.__main__ import parse_args
-from server.app import SERVICE
 from tests.grpc_server import ServerThread
 from tests.replicas import DNS, HAPROXY_CFG, HAProxy, Replica, shared_free_port
 from tests.serving import random_adapter, serving_config, wait_for

@@ -8,14 +8,14 @@ import threading
 import time
 
 import pytest
+from loraserve.adapters.format import write_adapter, write_peft
+from loraserve.server.adapter_cache import HostCache
+from loraserve.server.engine import FinishReason, GenerationRequest, TokenEvent
+from loraserve.server.errors import AdapterNotFound, AdapterUnavailable
+from loraserve.server.registry import AdapterEntry
+from loraserve.server.runtime import Runtime
+from loraserve.server.sampling import SamplingParams
 
-from adapters.format import write_adapter, write_peft
-from server.adapter_cache import HostCache
-from server.engine import FinishReason, GenerationRequest, TokenEvent
-from server.errors import AdapterNotFound, AdapterUnavailable
-from server.registry import AdapterEntry
-from server.runtime import Runtime
-from server.sampling import SamplingParams
 from tests.checkpoints import make_llama
 from tests.serving import random_adapter, reference_greedy, serving_config, wait_for
 

@@ -4,10 +4,16 @@ import threading
 import time
 
 import pytest
+from loraserve.server.engine import (
+    Engine,
+    EngineConfig,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+)
+from loraserve.server.errors import InvalidRequest, QueueFull, ShuttingDown
+from loraserve.server.sampling import SamplingParams
 
-from server.engine import Engine, EngineConfig, FinishEvent, FinishReason, GenerationRequest
-from server.errors import InvalidRequest, QueueFull, ShuttingDown
-from server.sampling import SamplingParams
 from tests.mock_model import EOS, MockModel, MockTokenizer
 
 

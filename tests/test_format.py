@@ -12,9 +12,7 @@ import pickle
 
 import pytest
 import torch
-from peft.utils.other import get_pattern_key
-
-from adapters.format import (
+from loraserve.adapters.format import (
     CONFIG_KEY,
     AdapterTooLarge,
     CorruptAdapterFile,
@@ -34,6 +32,7 @@ from adapters.format import (
     write_adapter,
     write_peft,
 )
+from peft.utils.other import get_pattern_key
 
 HIDDEN, KV, FFN, LAYERS = 64, 32, 128, 2
 PROJ_SHAPES = {  # (in, out) of a Llama-style decoder layer with GQA

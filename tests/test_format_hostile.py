@@ -13,14 +13,10 @@ import threading
 import time
 import tracemalloc
 
+import loraserve.adapters.format as fmt
 import pytest
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.other import get_pattern_key
-
-import adapters.format as fmt
-from adapters.format import (
+from loraserve.adapters.format import (
     CONFIG_KEY,
     PEFT_PREFIX,
     AdapterTooLarge,
@@ -41,7 +37,10 @@ from adapters.format import (
     write_adapter,
     write_peft,
 )
-from adapters.lora import match_target
+from loraserve.adapters.lora import match_target
+from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 
 HIDDEN = 8
 MODULE = "model.layers.0.self_attn.q_proj"

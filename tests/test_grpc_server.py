@@ -19,10 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from loraserve.adapters.format import write_adapter
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
 
-from adapters.format import write_adapter
-from protos.loraserve.v1 import inference_pb2 as pb
-from protos.loraserve.v1 import inference_pb2_grpc
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
 from tests.serving import random_adapter, serving_config, serving_device, wait_for
@@ -220,7 +220,7 @@ def test_health_is_not_serving_until_loaded_and_while_draining(model_dir, tmp_pa
     (tmp_path / "ads").mkdir()
     import asyncio
 
-    from server.app import LoraServer
+    from loraserve.server.app import LoraServer
 
     loop = asyncio.new_event_loop()
     t = threading.Thread(target=loop.run_forever, daemon=True)

@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import loraserve.server.registry
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-import server.registry
-from adapters.format import (
+from loraserve.adapters.format import (
     CONFIG_KEY,
     FORMAT_VERSION,
     LoRAWeights,
@@ -30,9 +29,10 @@ from adapters.format import (
     _serialize,
     write_adapter,
 )
-from protos.loraserve.v1 import inference_pb2 as pb
-from server.resources import available_cpus, parse_bytes
-from server.runtime import Runtime
+from loraserve.server.resources import available_cpus, parse_bytes
+from loraserve.server.runtime import Runtime
+from loraserve.v1 import inference_pb2 as pb
+
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
 from tests.replicas import free_port
@@ -225,18 +225,20 @@ def test_a_transient_read_failure_heals_without_a_restart(tmp_path, model_dir, g
     folder, srv = evicted_server(tmp_path, model_dir, good)
     try:
         stub = srv.stub()
-        real = server.registry.read_adapter
+        real = loraserve.server.registry.read_adapter
 
         def denied(path, *args, **kwargs):
             if Path(path).name.startswith("good-0"):
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path, *args, **kwargs)
 
-        monkeypatch.setattr(server.registry, "read_adapter", denied)
+        monkeypatch.setattr(loraserve.server.registry, "read_adapter", denied)
         code, details = code_of(lambda: generate(stub, "good-0"))
         assert code is grpc.StatusCode.FAILED_PRECONDITION and "Permission denied" in details
         assert "Permission denied" in listed(stub)["good-0"].error
-        monkeypatch.setattr(server.registry, "read_adapter", real)  # the operator fixes it
+        monkeypatch.setattr(
+            loraserve.server.registry, "read_adapter", real
+        )  # the operator fixes it
 
         def served():
             try:
@@ -324,7 +326,7 @@ def test_garbage_bytes_get_invalid_argument_and_one_log_line(served, method, cap
 
 
 def test_the_log_names_request_ids(served, caplog):
-    caplog.set_level("INFO", logger="server.servicer")
+    caplog.set_level("INFO", logger="loraserve.server.servicer")
     generate(served.stub(), "good-0", request_id="trace-me-42")
     assert any("trace-me-42" in r.getMessage() for r in caplog.records)
 
@@ -352,7 +354,7 @@ def test_the_demo_tokenizer_refuses_characters_it_cannot_encode():
 
 
 def run_server(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "server", "--model", "demo", *args],
         capture_output=True,
@@ -398,12 +400,12 @@ def test_threads_follow_the_cgroup_quota(tmp_path):
 
 
 def test_cli_wait_ready(served):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     ok = subprocess.run(
         [
             sys.executable,
             "-m",
-            "client.cli",
+            "loraserve.client.cli",
             "--target",
             served.target,
             "--wait-ready",
@@ -421,7 +423,7 @@ def test_cli_wait_ready(served):
         [
             sys.executable,
             "-m",
-            "client.cli",
+            "loraserve.client.cli",
             "--target",
             f"127.0.0.1:{free_port()}",
             "--wait-ready",
@@ -493,7 +495,7 @@ def test_every_config_field_is_a_flag_and_round_trips():
     import argparse
     import dataclasses
 
-    from server.config import ServerConfig, add_arguments, flag_name, from_args
+    from loraserve.server.config import ServerConfig, add_arguments, flag_name, from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from loraserve.adapters.format import LoRAWeights, write_adapter
+from loraserve.server.engine import GenerationRequest
+from loraserve.server.errors import NonFiniteLogits
+from loraserve.server.runtime import Runtime
+from loraserve.server.sampling import SamplingParams
+from loraserve.v1 import inference_pb2 as pb
 
-from adapters.format import LoRAWeights, write_adapter
-from protos.loraserve.v1 import inference_pb2 as pb
-from server.engine import GenerationRequest
-from server.errors import NonFiniteLogits
-from server.runtime import Runtime
-from server.sampling import SamplingParams
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
 from tests.mock_model import MockModel

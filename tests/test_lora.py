@@ -4,9 +4,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from adapters.lora import (
+from loraserve.adapters.lora import (
     BatchedLoRALinear,
     LinearWithLoRA,
     LoRAContext,
@@ -19,6 +17,7 @@ from adapters.lora import (
     replace_linear_with_batched_lora,
     replace_linear_with_lora,
 )
+from torch import nn
 
 
 def randomize(layer: LinearWithLoRA, seed: int) -> LinearWithLoRA:

@@ -12,10 +12,10 @@ import urllib.request
 
 import grpc
 import pytest
+from loraserve.adapters.format import write_adapter
+from loraserve.server.metrics import OTHER_LABEL, UNKNOWN_LABEL, AdapterLabels
+from loraserve.v1 import inference_pb2 as pb
 
-from adapters.format import write_adapter
-from protos.loraserve.v1 import inference_pb2 as pb
-from server.metrics import OTHER_LABEL, UNKNOWN_LABEL, AdapterLabels
 from tests.checkpoints import make_llama
 from tests.grpc_server import ServerThread
 from tests.replicas import free_port

@@ -11,10 +11,8 @@ from functools import partial
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from adapters.lora import target_names
-from adapters.models import (
+from loraserve.adapters.lora import target_names
+from loraserve.adapters.models import (
     FAMILIES,
     KVCache,
     ModelConfig,
@@ -24,6 +22,8 @@ from adapters.models import (
     load_model,
     model_fingerprint,
 )
+from safetensors.torch import load_file, save_file
+
 from tests.checkpoints import (
     VOCAB,
     hf_model,

@@ -8,7 +8,8 @@ folder from ``write_peft`` loads in ``PeftModel.from_pretrained``.
 
 Every family is covered, Phi-3 with PEFT's own targets for it: the fused ``qkv_proj`` and
 ``gate_up_proj`` (one LoRA over the whole fused output) plus ``o_proj`` and ``down_proj``. The
-last test serves Qwen3 and Phi-3 adapters through ``server.runtime.Runtime``, whose batched slot
+last test serves Qwen3 and Phi-3 adapters through ``loraserve.server.runtime.Runtime``, whose
+batched slot
 tables replace every Linear, fused ones included, and checks greedy tokens against the
 trainer-side reference decode.
 """
@@ -18,9 +19,7 @@ from functools import partial
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-
-from adapters.format import (
+from loraserve.adapters.format import (
     FingerprintMismatch,
     apply_adapter,
     build_adapter,
@@ -29,11 +28,13 @@ from adapters.format import (
     write_adapter,
     write_peft,
 )
-from adapters.lora import linear_shapes
-from adapters.models import load_model
-from server.engine import GenerationRequest
-from server.runtime import Runtime
-from server.sampling import SamplingParams
+from loraserve.adapters.lora import linear_shapes
+from loraserve.adapters.models import load_model
+from loraserve.server.engine import GenerationRequest
+from loraserve.server.runtime import Runtime
+from loraserve.server.sampling import SamplingParams
+from peft import LoraConfig, PeftModel, get_peft_model
+
 from tests.checkpoints import (
     VOCAB,
     hf_model,

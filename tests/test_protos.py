@@ -10,8 +10,9 @@ GENERATED = ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"]
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):
-    (tmp_path / "protos/loraserve/v1").mkdir(parents=True)
-    (tmp_path / PROTO).write_bytes((ROOT / PROTO).read_bytes())
+    # as `make proto` runs it: -I protos, so the stubs import each other as loraserve.v1
+    (tmp_path / "loraserve/v1").mkdir(parents=True)
+    (tmp_path / "loraserve/v1/inference.proto").write_bytes((ROOT / PROTO).read_bytes())
     subprocess.run(
         [
             sys.executable,
@@ -22,13 +23,13 @@ def test_generated_stubs_are_up_to_date(tmp_path):
             "--python_out=.",
             "--pyi_out=.",
             "--grpc_python_out=.",
-            PROTO,
+            "loraserve/v1/inference.proto",
         ],
         cwd=tmp_path,
         check=True,
     )
     for name in GENERATED:
-        fresh = (tmp_path / "protos/loraserve/v1" / name).read_text()
+        fresh = (tmp_path / "loraserve/v1" / name).read_text()
         committed = (ROOT / "protos/loraserve/v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto` and commit the result"
 

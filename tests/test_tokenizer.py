@@ -3,8 +3,8 @@
 import json
 
 import pytest
+from loraserve.adapters.tokenizer import IncrementalDetokenizer, Tokenizer
 
-from adapters.tokenizer import IncrementalDetokenizer, Tokenizer
 from tests.checkpoints import EOS, byte_level_tokenizer, sentencepiece_tokenizer
 
 MULTIBYTE = "Hi 🙂! 東京で寿司 👩‍💻 ✨ naïve — ok"

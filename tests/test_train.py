@@ -10,23 +10,20 @@ import json
 import shutil
 from pathlib import Path
 
+import loraserve.adapters.format
+import loraserve.adapters.train
 import pytest
 import torch
-from peft import PeftModel
-from safetensors import safe_open
-
-import adapters.format
-import adapters.train
-from adapters.format import (
+from loraserve.adapters.format import (
     CONFIG_KEY,
     LoRAConfig,
     apply_adapter,
     read_adapter,
     validate_adapter,
 )
-from adapters.lora import linear_shapes, lora_parameters
-from adapters.models import load_model
-from adapters.train import (
+from loraserve.adapters.lora import linear_shapes, lora_parameters
+from loraserve.adapters.models import load_model
+from loraserve.adapters.train import (
     IGNORE,
     Record,
     TrainConfig,
@@ -39,6 +36,9 @@ from adapters.train import (
     train,
     train_step,
 )
+from peft import PeftModel
+from safetensors import safe_open
+
 from tests.checkpoints import VOCAB, hf_model
 
 PAIRS = [
@@ -125,13 +125,13 @@ def test_training_lowers_the_loss_and_learns_the_task(tiny_llama, data, tmp_path
 
 
 def test_only_lora_trains_and_the_base_stays_bit_identical(tiny_llama, data, tmp_path, monkeypatch):
-    real_load, captured = adapters.train.model.load_model, []
+    real_load, captured = loraserve.adapters.train.model.load_model, []
 
     def load_and_keep(*args, **kwargs):
         captured.append(real_load(*args, **kwargs))
         return captured[-1]
 
-    monkeypatch.setattr(adapters.train.model, "load_model", load_and_keep)
+    monkeypatch.setattr(loraserve.adapters.train.model, "load_model", load_and_keep)
     train(config(tmp_path, tiny_llama, data, dropout=0.1))
 
     model = captured[0].model
@@ -159,7 +159,7 @@ def test_grad_accumulation_weighs_every_target_token_the_same(tiny_llama):
             p.normal_(0, 0.1)  # B != 0, so A gets a gradient too
     g = torch.Generator().manual_seed(0)
     examples = [
-        adapters.train.Example(
+        loraserve.adapters.train.Example(
             tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()), s, None, 0
         )
         for n, s in [(12, 5), (7, 2), (20, 0), (9, 8)]
@@ -203,7 +203,7 @@ def test_resume_after_an_interrupt_equals_one_straight_run(
     assert cli(capsys, *common, "--out", straight, "--checkpoint-dir", tmp_path / "ck1")[0] == 0
 
     resumed, checkpoints = tmp_path / "resumed.safetensors", tmp_path / "ck2"
-    real_step, calls = adapters.train.loop.train_step, []
+    real_step, calls = loraserve.adapters.train.loop.train_step, []
 
     def interrupted_step(*args, **kwargs):
         calls.append(1)
@@ -211,7 +211,7 @@ def test_resume_after_an_interrupt_equals_one_straight_run(
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(adapters.train.loop, "train_step", interrupted_step)
+    monkeypatch.setattr(loraserve.adapters.train.loop, "train_step", interrupted_step)
     code, _, err = cli(capsys, *common, "--out", resumed, "--checkpoint-dir", checkpoints)
     assert code == 130 and f"--resume {checkpoints}" in err
     assert not resumed.exists()
@@ -251,7 +251,7 @@ def test_adapter_loads_in_read_adapter_and_in_peft(base, overrides, data, tmp_pa
 
     loaded = load_model(checkpoint)
     adapter = read_adapter(single)
-    targets = adapters.train.DEFAULT_TARGETS[loaded.config.arch]
+    targets = loraserve.adapters.train.DEFAULT_TARGETS[loaded.config.arch]
     assert adapter.config == LoRAConfig(
         r=4, lora_alpha=8.0, use_rslora=overrides.get("rslora", False), target_modules=targets,
         base_fingerprint=loaded.fingerprint, base_model=checkpoint.name,
@@ -290,7 +290,10 @@ def test_no_partial_adapter_is_ever_visible_under_its_final_name(
 ):
     out = tmp_path / "out" / "task.safetensors"
     args = ["--base", tiny_llama, "--data", data, "--out", out, "--max-steps", 2, "--quiet"]
-    real_replace, real_fsync = adapters.format.write.os.replace, adapters.format.write.os.fsync
+    real_replace, real_fsync = (
+        loraserve.adapters.format.write.os.replace,
+        loraserve.adapters.format.write.os.fsync,
+    )
     renames = []
 
     def checked_replace(src, dst):  # what is renamed into place is already complete
@@ -302,7 +305,7 @@ def test_no_partial_adapter_is_ever_visible_under_its_final_name(
             renames.append(read_adapter(copy).version)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(adapters.format.write.os, "replace", checked_replace)
+    monkeypatch.setattr(loraserve.adapters.format.write.os, "replace", checked_replace)
     code, _, err = cli(capsys, *args)
     assert code == 0, err
     assert renames == [read_adapter(out).version]
@@ -312,9 +315,9 @@ def test_no_partial_adapter_is_ever_visible_under_its_final_name(
         assert out.read_bytes() == first  # mid-write, the final name still holds v1, whole
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapters.format.write.os, "fsync", disk_full)
+    monkeypatch.setattr(loraserve.adapters.format.write.os, "fsync", disk_full)
     code, _, err = cli(capsys, *args, "--seed", 1)
-    monkeypatch.setattr(adapters.format.write.os, "fsync", real_fsync)
+    monkeypatch.setattr(loraserve.adapters.format.write.os, "fsync", real_fsync)
     assert code == 1 and "No space left on device" in err and "Traceback" not in err
     assert out.read_bytes() == first
     assert [p.name for p in out.parent.iterdir()] == ["task.safetensors"]  # no temp left over
@@ -408,7 +411,9 @@ def test_bad_paths_and_flags_are_refused(case, tiny_llama, data, tmp_path, capsy
 
 
 def test_demo_base_missing_says_so(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(adapters.train.model, "demo_base_dir", lambda: tmp_path / "demo" / "base")
+    monkeypatch.setattr(
+        loraserve.adapters.train.model, "demo_base_dir", lambda: tmp_path / "demo" / "base"
+    )
     code, _, err = cli(capsys, "--data", data, "--out", tmp_path / "task.safetensors")
     assert code == 2 and "--base demo" in err and "not installed" in err
 

@@ -23,7 +23,7 @@ One job per module, each stating its contract:
 - ``write``        ``write_adapter`` / ``write_peft``, atomic and deterministic
 - ``build``        ``build_adapter``, ``adapter_from_model``, ``apply_adapter``
 
-Callers import from ``adapters.format`` itself; the modules above are how it is built.
+Callers import from ``loraserve.adapters.format`` itself; the modules above are how it is built.
 """
 
 from .adapter import NAME_RE, Adapter, LoRAWeights, check_name

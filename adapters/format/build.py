@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+from loraserve.adapters.lora import LinearWithLoRA, linear_shapes
 from torch import Tensor, nn
-
-from adapters.lora import LinearWithLoRA, linear_shapes
 
 from .adapter import Adapter, LoRAWeights, _digest, _nbytes, check_name
 from .config import LoRAConfig

@@ -10,7 +10,8 @@
   ``(A, B, s)`` on Linear layers, patterns.
 - Patterns from the file (``target_modules`` / ``exclude_modules`` strings, ``rank_pattern`` /
   ``alpha_pattern`` keys, ``layers_pattern``) are capped in length and number here, and every
-  lookup runs them on ``adapters.lora.bounded_match`` within a ``MatchBudget``: a pattern that
+  lookup runs them on ``loraserve.adapters.lora.bounded_match`` within a ``MatchBudget``: a pattern
+  that
   needs more than its budget is refused as too costly to match (``PatternError``).
 """
 
@@ -22,7 +23,7 @@ import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.lora import (
+from loraserve.adapters.lora import (
     MatchBudget,
     PatternError,
     bounded_match,
@@ -84,7 +85,8 @@ class LoRAConfig:
     adapted set, and ``validate_adapter`` cannot tell whether any are missing.
     ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` narrow it as in PEFT.
 
-    The lookups match patterns within ``budget`` (``adapters.lora.MatchBudget``; a fresh one per
+    The lookups match patterns within ``budget`` (``loraserve.adapters.lora.MatchBudget``; a fresh
+    one per
     call when None) and raise ``PatternError`` when one is too costly to match.
     """
 

@@ -1,6 +1,7 @@
 """What can be wrong with an adapter file: one ``InvalidAdapter`` subclass per problem.
 
-Every reader and validator in ``adapters.format`` raises only these for a bad file (``OSError``
+Every reader and validator in ``loraserve.adapters.format`` raises only these for a bad file
+(``OSError``
 when a file cannot be read at all); each message names the file and the problem. They subclass
 ``ValueError``, and the server maps ``InvalidAdapter`` to FAILED_PRECONDITION.
 """

@@ -18,9 +18,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+from loraserve.adapters.lora import MatchBudget, PatternError
 from torch import Tensor
-
-from adapters.lora import MatchBudget, PatternError
 
 from .adapter import LoRAWeights
 from .config import LoRAConfig

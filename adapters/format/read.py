@@ -16,7 +16,7 @@ Contract:
   tensor a LoRA A/B weight whose ranks and A/B shapes fit the config, every scale within
   ``MAX_SCALE``. Then the data: every weight finite and within float16's range
   (``NonFiniteWeights``, ``WeightsOutOfRange``); anything else is not a trained LoRA.
-- Patterns from the file run on ``adapters.lora.bounded_match``: one read spends at most
+- Patterns from the file run on ``loraserve.adapters.lora.bounded_match``: one read spends at most
   ``MATCH_BUDGET_S`` matching them, and a pattern that needs more is refused as too costly to
   match.
 - Pickles (``.bin``, ``.pt``, ...) are never loaded; the message says how to convert one.

@@ -8,7 +8,7 @@ their own; one too costly to match is an ``InvalidAdapterConfig``.
 
 from __future__ import annotations
 
-from adapters.lora import MatchBudget, PatternError
+from loraserve.adapters.lora import MatchBudget, PatternError
 
 from .adapter import Adapter
 from .errors import (

@@ -18,7 +18,8 @@ forward:
   position embeddings).
 - kv_cache=KVCache(...): row b's k, v are written into cache row cache_rows[b] (default b) at
   positions[b], then each query attends to the keys of its row at positions <= its own. See
-  `adapters.models.attention` for what the engine must respect (positions, padding, slots).
+  `loraserve.adapters.models.attention` for what the engine must respect (positions, padding,
+  slots).
 - logits_at: Long[B] -> logits [B, V] at index logits_at[b] of each row (prefill needs only the
   last real token); else [B, S, V]. Logits are float32 whatever the model dtype.
 """

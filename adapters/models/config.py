@@ -4,7 +4,8 @@ Contract:
 - `ModelConfig.from_hf(d)` accepts the dict of a Hugging Face `config.json` written by
   transformers v4 or v5 (`rope_scaling` + top-level `rope_theta` or v5 `rope_parameters`;
   `torch_dtype` or v5 `dtype`). It finds the family by `model_type` (or `architectures` when
-  that is missing) in `adapters.models.families` and lets the family's `ArchSpec.parse` read
+  that is missing) in `loraserve.adapters.models.families` and lets the family's `ArchSpec.parse`
+  read
   the rest. An unknown model_type is refused by name with the list of supported ones.
 - `config.spec` is the family's `ArchSpec` (module names, block layout, LoRA defaults); `arch`
   names it. Mistral is arch "llama"; Qwen2, Qwen3 and Phi-3 keep their own arch.

@@ -9,7 +9,8 @@ The model never samples; this module takes the argmax of its logits. It reads as
         logits = decode_one_token(model, tokens, lengths + t, cache)
 
 Prompts of different lengths share one batch: they are right-padded, and padding gets positions
-after its row's real tokens (the cache's contract, see ``adapters.models.attention``), so every
+after its row's real tokens (the cache's contract, see ``loraserve.adapters.models.attention``), so
+every
 row decodes exactly as it would alone. The caller chooses train/eval mode and autocast.
 """
 
@@ -18,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from loraserve.adapters.models import KVCache
 from torch import Tensor, nn
-
-from adapters.models import KVCache
 
 
 def prefill(model: nn.Module, ids: Tensor, lengths: Tensor, cache: KVCache) -> Tensor:

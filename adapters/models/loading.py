@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from loraserve.adapters.tokenizer import Tokenizer
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
-
-from adapters.tokenizer import Tokenizer
 
 from .config import ModelConfig, ModelLoadError
 from .model import CausalLM

@@ -4,7 +4,7 @@
 Face path, `layout` picks the options of the one Block / Attention / MLP below (LayerNorm or
 RMSNorm, learned positions or RoPE, plain or gated MLP, separate or fused q/k/v and gate/up,
 q/k norm, biases). The per-checkpoint numbers (sizes, heads, rope, tied embeddings, q/k/v bias)
-come from the config itself. The forward contract is in the `adapters.models` docstring.
+come from the config itself. The forward contract is in the `loraserve.adapters.models` docstring.
 
 Every projection is an nn.Linear ([out, in] weights) registered under its HF name, so LoRA swaps
 in by name and PEFT keys map 1:1. Submodules are looked up by name inside `forward` on purpose:

@@ -1,8 +1,9 @@
 """ArchSpec: what makes one base-model family what it is, declared in one place.
 
 A family (GPT-2, Llama, Qwen3, Phi-3, ...) is one `ArchSpec` in its own module under
-`adapters.models.families`. Nothing else in the package branches on a family's name: the config
-parser dispatches on `model_types`, the shell (`adapters.models.model`) builds itself from
+`loraserve.adapters.models.families`. Nothing else in the package branches on a family's name: the
+config
+parser dispatches on `model_types`, the shell (`loraserve.adapters.models.model`) builds itself from
 `names` and `layout`, the loader reads `names`, `conv1d` and `ignored_suffixes`, and the trainer
 takes `lora_targets` and `conv1d`. A spec has no silent defaults for what differs between
 families (names, layout, targets, weight layout): a new family states each one.

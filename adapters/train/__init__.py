@@ -28,15 +28,17 @@ One job per module:
 - ``device``       ``TrainDevice``: device, base dtype, autocast, CPU threads
 - ``model``        the base loaded, LoRA swapped in, everything else frozen
 - ``loop``         ``train``: setup, optimizer steps, schedule, periodic evals and checkpoints
-- ``evaluate``     eval loss and greedy exact match (``adapters.models.generate``)
+- ``evaluate``     eval loss and greedy exact match (``loraserve.adapters.models.generate``)
 - ``checkpoints``  resumable safetensors + JSON checkpoints
 - ``run``          one run's state: ``Run``, ``Progress``, ``TrainResult``
 - ``output``       the adapter and the JSON log, written atomically
 - ``report``       progress lines, warnings and the summary on the terminal
-- ``cli``          flags, ``main``, exit codes (``python -m adapters.train`` runs it)
+- ``cli``          flags, ``main``, exit codes (``python -m loraserve.adapters.train`` runs it)
 """
 
-from adapters.models.generate import greedy_generate as greedy_complete  # the trainer's name
+from loraserve.adapters.models.generate import (
+    greedy_generate as greedy_complete,  # the trainer's name
+)
 
 from .checkpoints import CHECKPOINT_FORMAT, find_checkpoint, load_checkpoint, save_checkpoint
 from .cli import build_parser, main, parse_args

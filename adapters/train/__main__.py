@@ -1,4 +1,4 @@
-"""``python -m adapters.train ...``: the same as ``loraserve-train ...``."""
+"""``python -m loraserve.adapters.train ...``: the same as ``loraserve-train ...``."""
 
 from .cli import main
 

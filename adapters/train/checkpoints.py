@@ -17,9 +17,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from loraserve.adapters.lora import lora_parameters
 from torch import nn
-
-from adapters.lora import lora_parameters
 
 from .config import TrainError
 from .run import Progress

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapters.format import InvalidAdapter
-from adapters.models import ModelLoadError, UnsupportedModel
+from loraserve.adapters.format import InvalidAdapter
+from loraserve.adapters.models import ModelLoadError, UnsupportedModel
 
 from .config import TrainConfig, TrainError
 from .loop import train

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapters.lora import ALL_LINEAR, peft_scale
+from loraserve.adapters.lora import ALL_LINEAR, peft_scale
 
 
 class TrainError(ValueError):

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from loraserve.adapters.tokenizer import Tokenizer
 from torch import Tensor
-
-from adapters.tokenizer import Tokenizer
 
 from .config import TrainConfig, TrainError
 from .report import _warn

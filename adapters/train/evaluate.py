@@ -1,7 +1,8 @@
 """Evaluation on held-out examples: the mean loss per target token, and exact match of greedy
 completions (before and after training).
 
-Greedy decoding is the models' shared ``adapters.models.generate.greedy_generate`` (prefill,
+Greedy decoding is the models' shared ``loraserve.adapters.models.generate.greedy_generate``
+(prefill,
 then one token at a time with the KV cache), so evaluation decodes as the demo recipe does. A
 hit is a completion whose text equals the reference after stripping; the budget is the
 reference's tokens + EOS + 4.
@@ -14,10 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from loraserve.adapters.models.generate import greedy_generate
+from loraserve.adapters.tokenizer import Tokenizer
 from torch import nn
-
-from adapters.models.generate import greedy_generate
-from adapters.tokenizer import Tokenizer
 
 from .data import Example, collate
 from .loss import batch_loss

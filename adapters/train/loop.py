@@ -27,10 +27,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from loraserve.adapters.lora import lora_parameters
 from torch import nn
 from tqdm import tqdm
-
-from adapters.lora import lora_parameters
 
 from .checkpoints import CHECKPOINT_FORMAT, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig

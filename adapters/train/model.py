@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
-from adapters.demo_paths import demo_base_dir
-from adapters.lora import (
+from loraserve.adapters.demo_paths import demo_base_dir
+from loraserve.adapters.lora import (
     ALL_LINEAR,
     lora_parameters,
     mark_only_lora_trainable,
     replace_linear_with_lora,
     target_names,
 )
-from adapters.models import LoadedModel, load_model
-from adapters.models.families import FAMILIES
+from loraserve.adapters.models import LoadedModel, load_model
+from loraserve.adapters.models.families import FAMILIES
+from torch import nn
 
 from .config import TrainConfig, TrainError
 from .device import TrainDevice

@@ -1,7 +1,7 @@
 """What a run writes: the adapter and the JSON log, both atomically, and the checks that
 make a run fail before training rather than after it when an output cannot be written.
 
-The adapter goes through ``adapters.format``: ``write_adapter`` (``NAME.safetensors``) or
+The adapter goes through ``loraserve.adapters.format``: ``write_adapter`` (``NAME.safetensors``) or
 ``write_peft`` (a PEFT folder), recording r, lora_alpha, use_rslora, target_modules and the
 base fingerprint; the version returned is the one ``read_adapter`` reports for the file.
 """
@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters.format import (
+from loraserve.adapters.format import (
     InvalidAdapter,
     LoRAConfig,
     adapter_from_model,

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from adapters.models import LoadedModel
+from loraserve.adapters.models import LoadedModel
 
 from .config import TrainConfig
 from .data import Example

@@ -2,7 +2,7 @@
 
 Adding a family: write `families/NAME.py` (its `parse` and `SPEC`) and add `NAME.SPEC` below.
 If its block needs an option the shell lacks (a new norm, MLP or attention variant), add that
-option to `BlockLayout` and `adapters.models.model` once, for every family to use.
+option to `BlockLayout` and `loraserve.adapters.models.model` once, for every family to use.
 """
 
 from __future__ import annotations

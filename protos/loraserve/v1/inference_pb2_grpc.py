@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.loraserve.v1 import inference_pb2 as protos_dot_loraserve_dot_v1_dot_inference__pb2
+from loraserve.v1 import inference_pb2 as loraserve_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/loraserve/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in loraserve/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class LoraInferenceStub:
         """
         self.Generate = channel.unary_unary(
                 '/loraserve.v1.LoraInference/Generate',
-                request_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/loraserve.v1.LoraInference/GenerateStream',
-                request_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loraserve.v1.LoraInference/ListAdapters',
-                request_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/loraserve.v1.LoraInference/GetServerInfo',
-                request_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.ServerInfo.FromString,
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ServerInfo.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_LoraInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=protos_dot_loraserve_dot_v1_dot_inference__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class LoraInference:
             request,
             target,
             '/loraserve.v1.LoraInference/Generate',
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class LoraInference:
             request,
             target,
             '/loraserve.v1.LoraInference/GenerateStream',
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class LoraInference:
             request,
             target,
             '/loraserve.v1.LoraInference/ListAdapters',
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+            loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class LoraInference:
             request,
             target,
             '/loraserve.v1.LoraInference/GetServerInfo',
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
-            protos_dot_loraserve_dot_v1_dot_inference__pb2.ServerInfo.FromString,
+            loraserve_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,
