@@ -354,31 +354,55 @@ def lora_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
 class LoRAContext:
     """Which adapter slot every token of the current forward uses; shared by all batched layers.
 
-    The engine calls ``set_slots`` once per model forward. Routing that every layer would
-    otherwise recompute is derived here once:
+    The engine routes once per model forward, on the host: it knows each row's slot as a Python
+    int, so ``set_rows`` derives everything every layer would otherwise recompute from those
+    ints and copies the few tensors it needs to the device. Nothing is read back from the device
+    (a forward with routing built this way has no host sync, which CUDA graphs and compilation
+    need). ``set_slots`` takes a per-token tensor instead (tests, and rows that mix slots); it
+    reads it back once. Derived:
 
     - ``single``: the one slot every token uses, when there is exactly one (no gather needed);
-    - ``row_slots``: ``[B]``, when slots come as ``[B, S]`` and each row uses one slot (always
-      so in the engine: a row is one sequence), so layers gather per row, not per token;
-    - ``segments``: ``(slot, token indices)`` per distinct non-zero slot, for ``"segment"``.
+    - ``row_slots``: ``[B]`` on the device, when each row uses one slot (always so in the
+      engine: a row is one sequence), so layers gather per row, not per token;
+    - ``slots``: ``[T]`` per-token slots on the device (the loop and per-token paths);
+    - ``segments``: ``(slot, token indices)`` per distinct non-zero slot, for ``"segment"``;
+    - ``rank``: the largest adapter rank among the slots in use (layers read only those ranks).
     """
 
     def __init__(self) -> None:
         self.slots: Tensor | None = None  # [T] long, flattened [B, S] token order
         self.single: int | None = None
         self.row_slots: Tensor | None = None  # [B] long
+        self._token_slots: list[int] = []  # host copy of ``slots``
         self._ids: list[int] = []  # distinct slots of this forward
         self._segments: list[tuple[int, Tensor]] | None = []
         self.active = False  # any token on a non-zero slot?
         self.rank = 0  # the largest adapter rank among this forward's slots
         self.slot_rank: dict[int, int] = {}  # filled slot -> its adapter's rank
 
+    def set_rows(
+        self, row_slots: Sequence[int], seq_len: int, device: torch.device | str = "cpu"
+    ) -> None:
+        """Row ``b``'s ``seq_len`` tokens all use slot ``row_slots[b]`` (0 = the base model)."""
+        rows = [int(s) for s in row_slots]
+        self._route([s for s in rows for _ in range(seq_len)], rows, device)
+
     def set_slots(self, slots: Tensor) -> None:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
-        flat = slots.reshape(-1).long()
-        self.slots = flat
+        tokens = slots.reshape(-1).long().tolist()
+        rows = None
+        if slots.dim() == 2 and slots.shape[1] > 0:
+            width = slots.shape[1]
+            per_row = [tokens[i : i + width] for i in range(0, len(tokens), width)]
+            if all(len(set(r)) == 1 for r in per_row):
+                rows = [r[0] for r in per_row]
+        self._route(tokens, rows, slots.device)
+
+    def _route(self, tokens: list[int], rows: list[int] | None, device) -> None:
         self.single, self.row_slots, self._segments = None, None, []
-        ids = torch.unique(flat).tolist() if flat.numel() else [0]
+        self._token_slots = tokens
+        self.slots = torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True)
+        ids = sorted(set(tokens)) or [0]
         self.active = ids != [0]
         if not self.active:
             return
@@ -387,22 +411,27 @@ class LoRAContext:
         if len(ids) == 1:
             self.single = ids[0]
             return
-        if slots.dim() == 2 and bool((slots == slots[:, :1]).all()):
-            self.row_slots = slots[:, 0].long()
+        if rows is not None:
+            self.row_slots = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
         self._ids, self._segments = ids, None  # built on first use: only "segment" needs them
 
     @property
     def segments(self) -> list[tuple[int, Tensor]]:
         """``(slot, token indices)`` per distinct non-zero slot of this forward."""
         if self._segments is None:
-            flat = self.slots
+            device = self.slots.device
+            by_slot: dict[int, list[int]] = {}
+            for t, slot in enumerate(self._token_slots):
+                if slot:
+                    by_slot.setdefault(slot, []).append(t)
             self._segments = [
-                (slot, torch.nonzero(flat == slot).squeeze(1)) for slot in self._ids if slot != 0
+                (slot, torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True))
+                for slot, idx in sorted(by_slot.items())
             ]
         return self._segments
 
     def clear(self) -> None:
-        self.set_slots(torch.zeros(0, dtype=torch.long))
+        self.set_rows([], 0)
 
 
 class BatchedLoRALinear(nn.Module):
@@ -510,7 +539,7 @@ class BatchedLoRALinear(nn.Module):
         return self._flat(x, y, self._loop)
 
     def _loop(self, x: Tensor, y: Tensor) -> Tensor:
-        slots = self.context.slots.tolist()
+        slots = self.context._token_slots  # the reference: one token at a time, host-driven
         out = y.clone()
         for t, s in enumerate(slots):
             out[t] += (x[t] @ self.A[s].T) @ self.B[s]
@@ -574,6 +603,9 @@ class LoRASlotTable:
 
     def set_token_slots(self, slots: Tensor) -> None:
         self.context.set_slots(slots)
+
+    def set_row_slots(self, row_slots: Sequence[int], seq_len: int, device) -> None:
+        self.context.set_rows(row_slots, seq_len, device)
 
 
 def replace_linear_with_batched_lora(

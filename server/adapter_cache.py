@@ -6,18 +6,20 @@
   Misses are loaded on a background thread, so the engine never waits on disk; when a load
   lands the engine is woken to admit the requests that waited for it.
 - Device tier: the slot table of ``loraserve.adapters.lora.LoRASlotTable``
-(``--max-active-adapters``
-  slots). A slot is pinned while any running sequence uses it; eviction picks the least
-  recently used *unpinned* slot, and only once the newcomer is loaded and validated, so a
-  broken file never costs a working adapter its slot. When every slot is pinned the request
-  waits in the queue: more adapters than slots are all served, taking turns.
+  (``--max-active-adapters`` slots). A slot is pinned while any running sequence uses it;
+  eviction picks the least recently used *unpinned* slot, and only once the newcomer is
+  loaded and validated, so a broken file never costs a working adapter its slot. When every
+  slot is pinned the request waits in the queue: more adapters than slots are all served,
+  taking turns.
 
 A failed load is remembered per version with a growing back-off (``RETRY_AFTER`` doubling up to
 ``RETRY_MAX``): while it lasts, requests for that version fail at once with the reason instead of
 waiting; after it, the next request tries the disk again, so a transient failure (permissions
 fixed, a disk hiccup) heals without a restart and a permanent one costs one read per back-off.
+A refresh that finds the file valid again (the watcher retries unreadable files) ends the
+back-off at once.
 
-``acquire`` / ``release`` / ``set_token_slots`` run on the engine thread only (slot writes must
+``acquire`` / ``release`` / ``set_row_slots`` run on the engine thread only (slot writes must
 not race a forward); the host tier is shared with the loader and is locked.
 """
 
@@ -121,6 +123,7 @@ class AdapterCache:
         self._loading: set[str] = set()  # versions with a load in flight
         self._read_for: set[str] = set()  # read from disk for a request, not placed yet
         host.on_evict = self._forget
+        registry.on_published = self._forgive
         # version -> (why its load failed, when to try again, the back-off that gave it)
         self._failed: dict[str, tuple[str, float, float]] = {}
         self._lock = threading.Lock()
@@ -196,8 +199,8 @@ class AdapterCache:
         if self._refs[slot] == 0:
             self._idle[slot] = None  # most recently used end
 
-    def set_token_slots(self, slots: torch.Tensor) -> None:
-        self.table.set_token_slots(slots)
+    def set_row_slots(self, row_slots: list[int], seq_len: int, device) -> None:
+        self.table.set_row_slots(row_slots, seq_len, device)
 
     def resident(self) -> dict[str, int]:
         """Adapters per tier, for metrics and ``ListAdapters`` (any thread)."""
@@ -275,6 +278,12 @@ class AdapterCache:
             with self._lock:
                 self._loading.discard(entry.version)
             self.wake()
+
+    def _forgive(self, entry: AdapterEntry) -> None:
+        """The registry just read ``entry``'s file and found it valid (a fixed permission, say):
+        its earlier failed loads no longer hold, whatever their back-off."""
+        with self._lock:
+            self._failed.pop(entry.version, None)
 
     def _forget(self, version: str) -> None:
         """Host memory dropped ``version``: a later placement of it is a disk read again."""

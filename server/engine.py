@@ -183,7 +183,7 @@ class BaseOnlyAdapters:
     def release(self, slot: int) -> None:
         pass
 
-    def set_token_slots(self, slots: torch.Tensor) -> None:
+    def set_row_slots(self, row_slots: list[int], seq_len: int, device) -> None:
         pass
 
 
@@ -206,6 +206,8 @@ class _Sequence:
         self.last_token = self.request.prompt_ids[-1]
         self.generated: list[int] = []
         self.detok = detok
+        self.stop_tail = StopTail(self.params.stop)
+        self.held_back = 0  # trailing chars of text that may begin a stop string
         self.text = ""  # detokenized so far (held-back part included)
         self.emitted = 0  # chars of self.text already sent
         self.reported_ids = 0  # token ids already sent
@@ -387,7 +389,7 @@ class Engine:
         if decoding:
             self._run_batch(decoding, prefill=False)
         if self.metrics is not None and (admitted or decoding):
-            self.metrics.observe_step(len(admitted) + len(decoding), self.stats())
+            self.metrics.observe_step(len(admitted) + len(decoding))
         return bool(admitted or decoding or reaped)
 
     def _reap(self) -> bool:
@@ -436,8 +438,17 @@ class Engine:
                 continue  # adapter loading; requests behind it may go ahead
             slot, version = placed
             self._dequeue(handle)
-            detok = IncrementalDetokenizer(self.tokenizer, handle.request.prompt_ids)
-            seq = _Sequence(handle, self._free_rows.pop(), slot, version, detok, t_arrival)
+            try:
+                detok = IncrementalDetokenizer(self.tokenizer, handle.request.prompt_ids)
+                seq = _Sequence(handle, self._free_rows[-1], slot, version, detok, t_arrival)
+            except Exception as err:  # the slot is pinned and the request dequeued: undo both
+                log.exception("starting request %r failed", handle.request.request_id)
+                if slot:
+                    self.adapters.release(slot)
+                error = ServingError(f"internal error: {err}")
+                handle.on_event(FinishEvent(FinishReason.ERROR, n, 0, error=error))
+                continue
+            self._free_rows.pop()
             with self._lock:
                 self._running.append(seq)
             if self.metrics is not None:
@@ -473,8 +484,16 @@ class Engine:
         for seq, token in zip(seqs, tokens):
             if isinstance(token, ServingError):
                 self._fail_row(seq, token)
-            else:
+                continue
+            try:
                 self._accept_token(seq, token, now)
+            except Exception as err:  # e.g. a caller's event callback failed: that row only
+                log.exception("delivering a token of request %r failed", seq.request.request_id)
+                if seq in self._running:
+                    try:
+                        self._fail_row(seq, ServingError(f"internal error: {err}"))
+                    except Exception:  # the callback fails again: the sequence is freed anyway
+                        log.exception("failing request %r failed", seq.request.request_id)
 
     def _fail_row(self, seq: _Sequence, error: ServingError) -> None:
         """One row of a batch failed (non-finite logits, a failed draw): it finishes alone."""
@@ -488,7 +507,10 @@ class Engine:
         self._finish(seq, FinishReason.ERROR, error=error)
 
     def _forward(self, seqs: list[_Sequence], prefill: bool) -> torch.Tensor:
-        """Build the batch tensors and run the model; returns next-token logits ``[B, V]``."""
+        """Build the batch tensors and run the model; returns next-token logits ``[B, V]``.
+
+        Routing (each row's adapter slot) and the KV read window are computed here on the host
+        and handed to the model, so the forward itself never reads a device value back."""
         if prefill:
             lengths = [s.prompt_len for s in seqs]
             width = max(lengths)
@@ -501,23 +523,25 @@ class Engine:
             last = torch.tensor(lengths) - 1
             for s in seqs:
                 s.kv_written = width  # pads write k/v too
+            kv_len = width
         else:
             ids = torch.tensor([[s.last_token] for s in seqs])
             positions = torch.tensor([[s.position] for s in seqs])
             last = torch.zeros(len(seqs), dtype=torch.long)
             for s in seqs:
                 s.kv_written = max(s.kv_written, s.position + 1)
-        slots = torch.tensor([s.slot for s in seqs])[:, None].expand_as(ids)
+            kv_len = max(s.position for s in seqs) + 1
         row_ids = [s.row for s in seqs]
         rows = None if row_ids == list(range(len(seqs))) else torch.tensor(row_ids)
         dev = self.device
-        self.adapters.set_token_slots(slots.to(dev))
+        self.adapters.set_row_slots([s.slot for s in seqs], ids.shape[1], dev)
         return self.model(
             ids.to(dev),
             positions=positions.to(dev),
             kv_cache=self.kv_cache,
             cache_rows=None if rows is None else rows.to(dev),
             logits_at=last.to(dev),
+            kv_len=kv_len,
         )
 
     def _accept_token(self, seq: _Sequence, token: int, now: float) -> None:
@@ -533,14 +557,17 @@ class Engine:
             return
         seq.last_token = token
         seq.position = seq.prompt_len + len(seq.generated) - 1  # where `token` goes next step
-        seq.text += seq.detok.push(token)
+        delta = seq.detok.push(token)
+        seq.text += delta
+        if seq.params.stop:
+            seq.held_back = seq.stop_tail.feed(delta)
         if self._check_stop(seq):
             return
         total = seq.prompt_len + len(seq.generated)  # prompt + output never exceed max_seq_len
         if len(seq.generated) >= seq.params.max_new_tokens or total >= self.config.max_seq_len:
             self._finish(seq, FinishReason.LENGTH, flush=True)
             return
-        self._emit(seq, len(seq.text) - _held_back(seq.text, seq.params.stop))
+        self._emit(seq, len(seq.text) - seq.held_back)
 
     def _check_stop(self, seq: _Sequence) -> bool:
         """Finish at the first stop string; the stop string itself is not emitted."""
@@ -590,12 +617,40 @@ class Engine:
         seq.handle.on_event(event)
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing chars of ``text`` could still be the start of a stop string."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:k]):
-                keep = k
-                break
-    return keep
+class StopTail:
+    """How many trailing chars of the text generated so far could still begin a stop string,
+    kept up to date as text arrives: per stop string a KMP automaton whose state is the longest
+    prefix of the stop string the text ends with. Each new char costs O(1) amortized per stop
+    string, whatever their lengths (re-checking every prefix of 16 stop strings of 256 chars
+    cost ~1 ms a token)."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.failure = [_failure(s) for s in stops]
+        self.state = [0] * len(stops)
+
+    def feed(self, text: str) -> int:
+        """Append ``text``; return the chars to hold back now."""
+        held = 0
+        for i, stop in enumerate(self.stops):
+            k, failure = self.state[i], self.failure[i]
+            for c in text:
+                while k and (k == len(stop) or stop[k] != c):
+                    k = failure[k - 1]
+                if stop[k] == c:
+                    k += 1
+            self.state[i] = k
+            held = max(held, k if k < len(stop) else failure[k - 1])
+        return held
+
+
+def _failure(s: str) -> list[int]:
+    """KMP: ``f[i]`` = the longest proper prefix of ``s[: i + 1]`` that is also its suffix."""
+    f, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f

@@ -5,10 +5,11 @@ a property of current state (running/waiting requests, KV usage, adapters per ti
 scrape time from callbacks, so they are never stale.
 
 Cardinality: the ``adapter`` label takes at most ``max_adapter_labels`` distinct names, given
-out first come, first served, and only to names the adapters folder holds (deployed, or refused
-with a reason); every later adapter is reported as ``__other__``, and a name the folder does not
-hold (a typo, a probe) as ``__unknown__``, so clients cannot spend the label slots. The base
-model is ``__base__``. Thousands of adapters cannot blow up the series count.
+out first come, first served, and only to deployed adapters (a working version is current);
+every later adapter is reported as ``__other__``, and any other name (a typo, a probe, a file
+that was refused) as ``__unknown__``, so neither clients nor files dropped into the folder can
+spend the label slots. The base model is ``__base__``. Thousands of adapters cannot blow up the
+series count. A retired adapter keeps its label value (series already exported stay valid).
 
 Besides the serving series: the process collector (RSS, CPU seconds, open fds, start time), the
 platform collector, and ``loraserve_build_info`` (version, model, device, dtype). The
@@ -237,7 +238,7 @@ class Metrics:
 
     # -------------------------------------------------------------- engine
 
-    def observe_step(self, batch_size: int, stats: dict[str, int]) -> None:
+    def observe_step(self, batch_size: int) -> None:
         self.steps.inc()
         self.batch_size.observe(batch_size)
 
@@ -262,7 +263,7 @@ class Metrics:
         self.loads.labels(result).inc()
         self.load_duration.observe(seconds)
 
-    def observe_invalid_file(self, name: str) -> None:
+    def observe_invalid_file(self) -> None:
         self.invalid_files.inc()
 
     def observe_cache(self, tier: str, hit: bool) -> None:

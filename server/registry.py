@@ -34,6 +34,7 @@ from pathlib import Path
 
 from loraserve.adapters.format import (
     MAX_ADAPTER_BYTES,
+    MAX_HEADER_BYTES,
     NAME_RE,
     Adapter,
     InvalidAdapter,
@@ -89,9 +90,15 @@ class AdapterRegistry:
         on_loaded: Callable[[Adapter], None] | None = None,
         metrics=None,
         max_bytes: int = MAX_ADAPTER_BYTES,
+        max_header_bytes: int = MAX_HEADER_BYTES,
     ):
         self.directory = Path(directory)
         self.max_bytes = max_bytes  # larger files are refused before they are read
+        self.max_header_bytes = max_header_bytes  # JSON parsing holds the GIL: keep it small
+        # called with each entry a refresh found valid (a fixed file clears its failed loads)
+        self.on_published: Callable[[AdapterEntry], None] | None = None
+        # one reader at a time per name (watcher and loader threads): versions land in order
+        self._name_locks: dict[str, threading.RLock] = {}
         self.check = check  # raises InvalidAdapter when an adapter does not fit the base model
         self.on_loaded = on_loaded
         self.metrics = metrics
@@ -136,6 +143,10 @@ class AdapterRegistry:
 
     def refresh(self, name: str) -> AdapterEntry | None:
         """Re-read one adapter from disk; returns its current entry (None once retired)."""
+        with self._lock_for(name):
+            return self._refresh(name)
+
+    def _refresh(self, name: str) -> AdapterEntry | None:
         try:
             path = self.path_for(name)
             if path is None:
@@ -158,7 +169,9 @@ class AdapterRegistry:
         """Read and validate; records load metrics. Raises ``InvalidAdapter``."""
         t0 = time.perf_counter()
         try:
-            adapter = read_adapter(path, name, max_bytes=self.max_bytes)
+            adapter = read_adapter(
+                path, name, max_bytes=self.max_bytes, max_header_bytes=self.max_header_bytes
+            )
             self.check(adapter)
         except Exception:
             if self.metrics is not None:
@@ -175,6 +188,8 @@ class AdapterRegistry:
             self._current[name] = entry
             self._errors.pop(name, None)
             self._transient.discard(name)
+        if self.on_published is not None:
+            self.on_published(entry)
         if old is None or old.version != entry.version:
             verb = "deployed" if old is None else f"upgraded from {old.version} to"
             log.info("adapter %s %s version %s (rank %d)", name, verb, entry.version, entry.rank)
@@ -195,7 +210,7 @@ class AdapterRegistry:
             keeping = f"; still serving version {kept.version}" if kept else ""
             log.warning("adapter %s refused: %s%s", name, reason, keeping)
             if self.metrics is not None:
-                self.metrics.observe_invalid_file(name)
+                self.metrics.observe_invalid_file()
 
     def _retire(self, name: str) -> None:
         with self._lock:
@@ -222,9 +237,10 @@ class AdapterRegistry:
         raise AdapterNotFound(name)
 
     def knows(self, name: str) -> bool:
-        """Does the folder hold ``name`` (deployed, or refused with a reason)?"""
+        """Is ``name`` deployed (a working version is current)? Only such names own a metrics
+        label: refused files are as many as anyone can drop, and share one label."""
         with self._lock:
-            return name in self._current or name in self._errors
+            return name in self._current
 
     def transient_errors(self) -> list[str]:
         """Adapters refused because their file could not be read at all: worth retrying."""
@@ -241,8 +257,17 @@ class AdapterRegistry:
 
     def load(self, entry: AdapterEntry) -> Adapter:
         """Read ``entry``'s weights again (a host-cache miss). If the file changed since it was
-        registered, refresh and return the adapter now current, or raise if there is none."""
-        adapter = self.load_path(entry.path, entry.name)
-        if adapter.version != entry.version:
-            self._publish(entry.name, entry.path, adapter)
+        registered, refresh the adapter as the watcher would (under the same per-name lock, so
+        an older read never lands after a newer one) and return the one now current."""
+        with self._lock_for(entry.name):
+            adapter = self.load_path(entry.path, entry.name)
+        if adapter.version == entry.version:
+            return adapter
+        current = self.refresh(entry.name)
+        if current is None or current.version != adapter.version:
+            raise AdapterUnavailable(entry.name, "its file changed while it was being loaded")
         return adapter
+
+    def _lock_for(self, name: str) -> threading.RLock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.RLock())

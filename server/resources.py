@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from loraserve.adapters.format import MAX_CONFIG_BYTES
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20}
 _UNITS |= {"gi": 1 << 30, "ti": 1 << 40}
@@ -168,6 +169,13 @@ def plan_memory(
     )
     tables = sum((slots + 1) * max_rank * (i + o) * itemsize for i, o in lora_shapes.values())
     return MemoryPlan(weights, kv, tables, host_cache_bytes, device)
+
+
+def max_header_bytes(lora_shapes: dict[str, tuple[int, int]]) -> int:
+    """The largest safetensors header an adapter of this server can need: two tensors per
+    adaptable module at a few hundred bytes each, plus the LoRA config a single file carries in
+    its metadata (JSON-escaped). Parsing a header holds the GIL, so it is capped this tight."""
+    return 2 * MAX_CONFIG_BYTES + 1024 * len(lora_shapes)
 
 
 def max_adapter_bytes(lora_shapes: dict[str, tuple[int, int]], max_rank: int) -> int:

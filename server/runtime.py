@@ -7,12 +7,11 @@
                   folder watcher
 
 ``Runtime`` owns the parts and their order of start and stop. The gRPC layer
-(``loraserve.server.app``)
-and tests use it the same way: ``Runtime(config).start()`` ... ``stop(grace)``.
+(``loraserve.server.app``) and tests use it the same way: ``Runtime(config).start()`` ...
+``stop(grace)``.
 
-Before it allocates the KV cache and slot tables it sets torch's CPU threads and checks the
-memory plan (``loraserve.server.resources``): a server that cannot fit says so at start-up, naming
-the
+Before it allocates the KV cache and slot tables it sets torch's CPU threads and checks the memory
+plan (``loraserve.server.resources``): a server that cannot fit says so at start-up, naming the
 knobs, instead of being killed later.
 """
 
@@ -37,6 +36,7 @@ from loraserve.server.resources import (
     available_cpus,
     available_memory,
     max_adapter_bytes,
+    max_header_bytes,
     plan_memory,
 )
 from loraserve.server.watcher import AdapterWatcher
@@ -153,6 +153,7 @@ class Runtime:
             self.host.put,
             self.metrics,
             max_bytes=max_adapter_bytes(self.lora_shapes, config.max_lora_rank),
+            max_header_bytes=max_header_bytes(self.lora_shapes),
         )
         self.metrics.label.known = self.registry.knows
         self.cache = AdapterCache(

@@ -184,6 +184,13 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             request_id=request.request_id,
         )
 
+    def for_tenants(self, message: str) -> str:
+        """``message`` without the server's own paths (adapter errors name their file)."""
+        if self.runtime is not None:
+            message = message.replace(f"{self.runtime.adapters_dir.resolve()}/", "")
+            message = message.replace(f"{self.runtime.adapters_dir}/", "")
+        return message
+
     def record(self, method: str, request, code: grpc.StatusCode, seconds: float) -> None:
         """Metrics and one log line for a finished generation call."""
         # the id is the caller's (the proto promises it is logged); %r keeps it on one line
@@ -291,9 +298,9 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
     async def fail(context, err: Exception, code: grpc.StatusCode) -> None:
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed unexpectedly", name, exc_info=err)
-            details = f"internal error: {type(err).__name__}: {err}"
+            details = f"internal error ({type(err).__name__}); the server log has the details"
         else:
-            details = str(err)
+            details = servicer.for_tenants(str(err))
         await context.abort(code, details)  # raises
 
     def done(request, code: grpc.StatusCode, t0: float) -> None:

@@ -170,14 +170,33 @@ class AdapterWatcher:
             for name in ready:
                 self._refresh(name)
             if time.monotonic() >= next_poll:
-                self._poll()
+                try:
+                    self._poll()
+                except Exception:  # e.g. the folder unreadable for a moment: poll again later
+                    log.exception("scanning %s failed", self.directory)
                 next_poll = time.monotonic() + self.poll_interval
 
     def _refresh(self, name: str) -> None:
+        # the signature first: a change after it is seen by the next poll, and the poll does
+        # not read again what an event just had read
+        signature = self._signature_of(name)
         try:
             self.registry.refresh(name)
         except Exception:  # never let one adapter stop the watcher
             log.exception("refreshing adapter %s failed", name)
+        if signature:
+            self._signatures[name] = signature
+        else:
+            self._signatures.pop(name, None)
+
+    def _signature_of(self, name: str) -> Signature:
+        paths = [self.directory / f"{name}.safetensors", self.directory / name]
+        return tuple(
+            sig
+            for p in paths
+            if adapter_name_for(self.directory, p) == name
+            and (sig := entry_signature(p)) is not None
+        )
 
     def _scan_signatures(self) -> dict[str, Signature]:
         sigs = {}
@@ -185,7 +204,7 @@ class AdapterWatcher:
             entries = list(self.directory.iterdir())
         except OSError:
             return sigs
-        for p in entries:
+        for p in sorted(entries, key=lambda p: (p.name.removesuffix(".safetensors"), p.is_dir())):
             name = adapter_name_for(self.directory, p)
             if name and (sig := entry_signature(p)) is not None:
                 sigs[name] = sigs.get(name, ()) + (sig,)

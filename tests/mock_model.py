@@ -21,7 +21,9 @@ class MockModel(torch.nn.Module):
         self.delay = delay
         self.fail_on_token: int | None = None
 
-    def forward(self, input_ids, positions=None, kv_cache=None, cache_rows=None, logits_at=None):
+    def forward(
+        self, input_ids, positions=None, kv_cache=None, cache_rows=None, logits_at=None, kv_len=None
+    ):
         if self.delay:
             import time
 

@@ -256,7 +256,7 @@ def test_a_failure_while_placing_an_adapter_fails_that_request_only():
         def release(self, slot):
             pass
 
-        def set_token_slots(self, slots):
+        def set_row_slots(self, row_slots, seq_len, device):
             pass
 
     engine = Engine(
@@ -272,3 +272,37 @@ def test_a_failure_while_placing_an_adapter_fails_that_request_only():
     with pytest.raises(Exception, match="internal error: slot fill exploded"):
         bad.result()
     assert good.result().token_ids == [4, 5]
+
+
+def test_a_caller_whose_callback_fails_does_not_hurt_the_batch():
+    engine, _ = make_engine()
+
+    def explode(event):
+        raise RuntimeError("the caller's loop is gone")
+
+    bad = engine.submit(req([5], n=4), on_event=explode)
+    good = [engine.submit(req([p], n=4)) for p in (0, 10)]
+    drain(engine)
+    assert [h.result().token_ids for h in good] == [[1, 2, 3, 4], [11, 12, 13, 14]]
+    assert bad.request is not None and engine.stats()["running"] == 0  # freed, not leaked
+    assert len(engine._free_rows) == engine.config.max_batch_size
+
+
+def test_stop_tail_holds_back_exactly_the_longest_stop_prefix():
+    import random
+
+    from loraserve.server.engine import StopTail
+
+    def naive(text, stops):
+        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = tuple("".join(rng.choices("ab", k=rng.randint(1, 6))) for _ in range(3))
+        tail, text = StopTail(stops), ""
+        for _ in range(6):
+            piece = "".join(rng.choices("abc", k=rng.randint(0, 3)))
+            text += piece
+            held = tail.feed(piece)
+            if not any(s in text for s in stops):  # the engine stops at a whole match first
+                assert held == naive(text, stops), (text, stops)

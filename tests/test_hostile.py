@@ -29,6 +29,7 @@ from loraserve.adapters.format import (
     _serialize,
     write_adapter,
 )
+from loraserve.server.metrics import UNKNOWN_LABEL
 from loraserve.server.resources import available_cpus, parse_bytes
 from loraserve.server.runtime import Runtime
 from loraserve.v1 import inference_pb2 as pb
@@ -77,6 +78,9 @@ def hostile_files(folder: Path, adapter, outside: Path) -> list[str]:
         {"target_modules": r"(\w|.)*\d"},
     )
     (folder / "garbage.safetensors").write_bytes(os.urandom(4096))
+    # a 4 MiB header of nested lists: parsing it would hold the GIL for a second or more
+    fat = b"[" + b"[]," * (4 << 18) + b"[]]"
+    (folder / "fat-header.safetensors").write_bytes(len(fat).to_bytes(8, "little") + fat)
     write_adapter(outside / "linked.safetensors", adapter)
     (folder / "linked.safetensors").symlink_to(outside / "linked.safetensors")
     # a base checkpoint dropped in by mistake: 1 GiB declared, sparse on disk
@@ -100,6 +104,7 @@ def hostile_files(folder: Path, adapter, outside: Path) -> list[str]:
         "big-weights",
         "regex-bomb",
         "garbage",
+        "fat-header",
         "linked",
         "model",
     ]
@@ -156,6 +161,10 @@ def test_the_server_starts_with_every_hostile_file_and_lists_each(tmp_path, mode
             code, details = code_of(lambda n=name: generate(stub, n))
             assert code is grpc.StatusCode.FAILED_PRECONDITION, (name, details)
         assert "symbolic link" in adapters["linked"].error
+        assert "header is over" in adapters["fat-header"].error  # refused unparsed
+        # refused names never own a metrics label: only deployed adapters do
+        assert srv.runtime.metrics.label("nan") == UNKNOWN_LABEL
+        assert srv.runtime.metrics.label("good-0") == "good-0"
         assert generate(stub, "good-0").completion_tokens == 4
         assert invalid_now(srv) == len(names)
     finally:
@@ -236,9 +245,11 @@ def test_a_transient_read_failure_heals_without_a_restart(tmp_path, model_dir, g
         code, details = code_of(lambda: generate(stub, "good-0"))
         assert code is grpc.StatusCode.FAILED_PRECONDITION and "Permission denied" in details
         assert "Permission denied" in listed(stub)["good-0"].error
-        monkeypatch.setattr(
-            loraserve.server.registry, "read_adapter", real
-        )  # the operator fixes it
+        # the operator fixes it; the watcher's next retry (forced here) finds the file valid,
+        # which ends the failed load's back-off at once
+        monkeypatch.setattr(loraserve.server.registry, "read_adapter", real)
+        srv.runtime.registry.refresh("good-0")
+        assert generate(stub, "good-0").completion_tokens == 4
 
         def served():
             try:

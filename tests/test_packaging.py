@@ -11,6 +11,7 @@ one module-scoped build.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -33,8 +34,16 @@ def run(*cmd, cwd=None, timeout=600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("wheels")
+    # Build from a copy of the tracked files: what a clean checkout builds, and no build/ or
+    # egg-info left behind in the working tree (nor stale files from an earlier build).
+    source = tmp_path_factory.mktemp("source")
+    tracked = run("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     # --no-build-isolation: build with this venv's setuptools instead of fetching one
-    for project in (ROOT / "client", ROOT):
+    for project in (source / "client", source):
         run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
             "-w", out, project)  # fmt: skip
     found = {p.name.split("-")[0]: p for p in out.glob("*.whl")}

@@ -11,8 +11,7 @@
 - Patterns from the file (``target_modules`` / ``exclude_modules`` strings, ``rank_pattern`` /
   ``alpha_pattern`` keys, ``layers_pattern``) are capped in length and number here, and every
   lookup runs them on ``loraserve.adapters.lora.bounded_match`` within a ``MatchBudget``: a pattern
-  that
-  needs more than its budget is refused as too costly to match (``PatternError``).
+  that needs more than its budget is refused as too costly to match (``PatternError``).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from loraserve.adapters.lora import (
 
 from .errors import InvalidAdapter, InvalidAdapterConfig, UnsupportedAdapter
 
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 256 << 10  # parsing JSON holds the GIL; a real config is a few KiB
 # What a file may make us compile and match (the time is bounded by lora.MATCH_BUDGET_S per
 # read; these keep each step small and every message short). Real configs hold a few patterns
 # of a few dozen characters, and module names are under 100.

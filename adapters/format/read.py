@@ -46,7 +46,7 @@ from .peft import (
     _modules_from_body,
     _plan_modules,
 )
-from .safetensors import _read_body, _read_header
+from .safetensors import MAX_HEADER_BYTES, _read_body, _read_header
 from .single_file import _config_from_metadata
 
 # Memory-bomb cap: checked against the file size before anything is read or allocated.
@@ -63,11 +63,16 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def read_adapter(
-    path: str | os.PathLike, name: str | None = None, max_bytes: int = MAX_ADAPTER_BYTES
+    path: str | os.PathLike,
+    name: str | None = None,
+    max_bytes: int = MAX_ADAPTER_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> Adapter:
     """Read ``NAME.safetensors`` or a PEFT folder ``NAME/``; ``name`` defaults to NAME.
 
-    ``max_bytes`` caps the weights file (a server can pass one derived from its model). Raises
+    ``max_bytes`` caps the weights file and ``max_header_bytes`` its JSON header (parsing JSON
+    holds the GIL, so a server passes caps derived from its model: a few hundred bytes per
+    LoRA-able module, not megabytes). Raises
     ``InvalidAdapter`` for anything wrong with the file, ``OSError`` when it cannot be read.
     """
     path = Path(path)
@@ -80,8 +85,8 @@ def read_adapter(
         raise FileNotFoundError(f"{path}: no such adapter file or folder")
     try:
         if path.is_dir():
-            return _read_peft_folder(path, name, max_bytes)
-        return _read_single_file(path, name, max_bytes)
+            return _read_peft_folder(path, name, max_bytes, max_header_bytes)
+        return _read_single_file(path, name, max_bytes, max_header_bytes)
     except (InvalidAdapter, OSError):
         raise
     except Exception as err:  # a reader bug that a file can trigger still fails only that file
@@ -90,7 +95,7 @@ def read_adapter(
         ) from err
 
 
-def _read_single_file(path: Path, name: str, max_bytes: int) -> Adapter:
+def _read_single_file(path: Path, name: str, max_bytes: int, max_header_bytes: int) -> Adapter:
     if path.suffix in _PICKLE_SUFFIXES:
         raise UnsupportedAdapter(f"{path}: pickle checkpoints are never loaded; {_CONVERT_BIN}")
     if path.suffix != ".safetensors":
@@ -98,7 +103,7 @@ def _read_single_file(path: Path, name: str, max_bytes: int) -> Adapter:
             f"{path}: not an adapter (expected NAME.safetensors or a PEFT folder NAME/)"
         )
     with open(path, "rb") as f:
-        header = _read_header(f, path, max_bytes)
+        header = _read_header(f, path, max_bytes, max_header_bytes)
         config = _config_from_metadata(header.metadata, path)
         plan = _plan_modules(header.tensors, config, path)
         body = _read_body(f, header, path)
@@ -106,7 +111,7 @@ def _read_single_file(path: Path, name: str, max_bytes: int) -> Adapter:
     return Adapter(name, config, modules, _digest(header.raw, body), _nbytes(modules))
 
 
-def _read_peft_folder(folder: Path, name: str, max_bytes: int) -> Adapter:
+def _read_peft_folder(folder: Path, name: str, max_bytes: int, max_header_bytes: int) -> Adapter:
     config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
     if not weights_path.is_file():
         for suffix in _PICKLE_SUFFIXES:
@@ -121,7 +126,7 @@ def _read_peft_folder(folder: Path, name: str, max_bytes: int) -> Adapter:
     config_bytes = _read_bytes(config_path, MAX_CONFIG_BYTES)
     config_dict = _load_json(config_bytes, config_path, "the config", InvalidAdapterConfig)
     with open(weights_path, "rb") as f:
-        header = _read_header(f, weights_path, max_bytes)
+        header = _read_header(f, weights_path, max_bytes, max_header_bytes)
         config = _config_from_dict(config_dict, config_path)
         fingerprint = header.metadata.get(FINGERPRINT_KEY)
         if fingerprint is not None and config.base_fingerprint is None:

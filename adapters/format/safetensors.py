@@ -73,8 +73,10 @@ class _Header:
     body_bytes: int  # size of the data section that follows
 
 
-def _read_header(f: BinaryIO, path: Path, max_bytes: int) -> _Header:
-    """Read and check the header alone; at most ``MAX_HEADER_BYTES`` + 8 bytes, whatever the file.
+def _read_header(
+    f: BinaryIO, path: Path, max_bytes: int, max_header_bytes: int = MAX_HEADER_BYTES
+) -> _Header:
+    """Read and check the header alone; at most ``max_header_bytes`` + 8 bytes, whatever the file.
 
     Layout: ``u64 little-endian n`` | ``n bytes of JSON`` | tensor data. Catches truncation and
     non-safetensors files with a readable message, and never allocates more than the file.
@@ -86,7 +88,12 @@ def _read_header(f: BinaryIO, path: Path, max_bytes: int) -> _Header:
         raise CorruptAdapterFile(f"{path}: {size} bytes, too short to be a safetensors file")
     prefix = f.read(8)
     n = int.from_bytes(prefix, "little")
-    if n > min(size - 8, MAX_HEADER_BYTES):
+    if n > min(size - 8, MAX_HEADER_BYTES) or n > max_header_bytes:
+        if n <= size - 8:
+            raise AdapterTooLarge(
+                f"{path}: a {n}-byte header is over the {max_header_bytes}-byte limit "
+                "(an adapter's header holds a few hundred bytes per module)"
+            )
         raise CorruptAdapterFile(
             f"{path}: header length {n} does not fit in a {size}-byte file "
             "(truncated, or not a safetensors file)"

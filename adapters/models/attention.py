@@ -16,8 +16,9 @@ Contract for the engine:
     (`0 * NaN = NaN` in `softmax(...) @ V`). So the owner of a row clears what it wrote when it
     gives the row back (`clear_row`): a row handed to a new sequence holds only zeros beyond
     what that sequence writes itself, whatever the previous one left there.
-- Each cached forward reads `positions.max()` back to the host once (to size the read window
-  kv_len), not once per layer. With `cache_rows=None` rows 0..B-1 are read as views (no gather).
+- The read window kv_len (largest position + 1) is passed in by the engine, which knows it on
+  the host; a caller that does not pass it pays one read-back of `positions.max()` per forward.
+- With `cache_rows=None` rows 0..B-1 are read as views (no gather).
 """
 
 from __future__ import annotations
@@ -63,9 +64,14 @@ class KVCache:
         for t in (*self.k, *self.v):
             t[row, :, :upto].zero_()
 
-    def step(self, positions: Tensor, rows: Tensor | None = None) -> CacheStep:
-        """The view of this cache one forward uses. positions: Long[B, S]; rows: Long[B]."""
-        kv_len = int(positions.max()) + 1
+    def step(
+        self, positions: Tensor, rows: Tensor | None = None, kv_len: int | None = None
+    ) -> CacheStep:
+        """The view of this cache one forward uses. positions: Long[B, S]; rows: Long[B].
+        ``kv_len`` (the largest position + 1) is known to the engine on the host; without it
+        it is read back from ``positions``, a device sync."""
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
         if kv_len > self.max_seq:
             raise ValueError(f"position {kv_len - 1} does not fit a KV cache of {self.max_seq}")
         key_pos = torch.arange(kv_len, device=positions.device)

@@ -161,12 +161,13 @@ class CausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         cache_rows: Tensor | None = None,
         logits_at: Tensor | None = None,
+        kv_len: int | None = None,
     ) -> Tensor:
         B, S = input_ids.shape
         n, body = self.spec.names, self.body
         if positions is None:
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        step = kv_cache.step(positions, cache_rows) if kv_cache is not None else None
+        step = kv_cache.step(positions, cache_rows, kv_len) if kv_cache is not None else None
         x = body[n.embed](input_ids)  # [B, S, C]
         rope = None
         if self.spec.layout.positions == "learned":
