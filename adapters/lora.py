@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 
 import regex
 import torch
+from loraserve.adapters.kernels import Segments, make_kernels
 from torch import Tensor, nn
 
 Targets = str | Sequence[str] | None
@@ -374,6 +375,7 @@ class LoRAContext:
         self.single: int | None = None
         self.row_slots: Tensor | None = None  # [B] long
         self._token_slots: list[int] = []  # host copy of ``slots``
+        self.kernel_segments = None  # prefill rows as kernel Segments (SGMV), built on the host
         self._ids: list[int] = []  # distinct slots of this forward
         self._segments: list[tuple[int, Tensor]] | None = []
         self.active = False  # any token on a non-zero slot?
@@ -386,6 +388,8 @@ class LoRAContext:
         """Row ``b``'s ``seq_len`` tokens all use slot ``row_slots[b]`` (0 = the base model)."""
         rows = [int(s) for s in row_slots]
         self._route([s for s in rows for _ in range(seq_len)], rows, device)
+        if seq_len > 1 and self.active:
+            self.kernel_segments = Segments.from_rows(rows, [seq_len] * len(rows), device)
 
     def set_slots(self, slots: Tensor) -> None:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
@@ -400,6 +404,7 @@ class LoRAContext:
 
     def _route(self, tokens: list[int], rows: list[int] | None, device) -> None:
         self.single, self.row_slots, self._segments = None, None, []
+        self.kernel_segments = None
         self._token_slots = tokens
         self.slots = torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True)
         ids = sorted(set(tokens)) or [0]
@@ -455,12 +460,15 @@ class BatchedLoRALinear(nn.Module):
       vary inside a row, gather per token instead (BGMV semantics). Two kernels whatever the
       number of adapters.
 
-    Both fast paths take ``x @ A[s] @ B[s]`` directly when every token uses the same slot.
+    - ``"triton"``: the shrink/expand kernels of ``loraserve.adapters.kernels`` (BGMV for
+      decode, SGMV over the rows' segments for prefill), fp32 accumulation; on CUDA, or on CPU
+      under ``TRITON_INTERPRET=1`` (tests). Off by default until it has run on a GPU.
+    The fast paths take ``x @ A[s] @ B[s]`` directly when every token uses the same slot.
 
     Slot 0 is all zeros and means "base only", so a mixed batch needs no special case.
     """
 
-    BACKENDS = ("loop", "segment", "gather")
+    BACKENDS = ("loop", "segment", "gather", "triton")
 
     def __init__(
         self,
@@ -488,7 +496,10 @@ class BatchedLoRALinear(nn.Module):
             "loop": self._delta_loop,
             "segment": self._delta_segment,
             "gather": self._delta_gather,
+            "triton": self._delta_kernels,
         }[backend]
+        if backend == "triton":  # chosen once: raises KernelUnavailable here, not in a forward
+            self.kernels = make_kernels("triton", w.device)
 
     @property
     def num_slots(self) -> int:
@@ -561,6 +572,16 @@ class BatchedLoRALinear(nn.Module):
             h = torch.bmm(x, self.A[:, :r].index_select(0, rows).transpose(1, 2))  # [B, S, r]
             return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
         return self._flat(x, y, self._per_token)
+
+    def _delta_kernels(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._flat(x, y, self._kernels)
+
+    def _kernels(self, x: Tensor, y: Tensor) -> Tensor:
+        ctx, r = self.context, self.context.rank
+        h = self.kernels.shrink(x, self.A, ctx.slots, r, segments=ctx.kernel_segments)
+        y = y.contiguous()
+        self.kernels.expand(h, self.B, ctx.slots, r, y, segments=ctx.kernel_segments)
+        return y
 
     def _per_token(self, x: Tensor, y: Tensor) -> Tensor:
         slots, r = self.context.slots, self.context.rank
