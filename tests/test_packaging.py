@@ -74,6 +74,11 @@ def test_every_top_level_name_is_loraserve(wheels):
     assert "loraserve/server/runtime.py" in files
     assert "loraserve/adapters/demo/base/model.safetensors" in files  # the demo ships
     assert not any(f.startswith("loraserve/client/") for f in files)  # it comes from the client
+    # every package of the tree is in the wheel (pyproject lists them by hand)
+    for folder in ("adapters", "server"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            module = init.relative_to(ROOT).as_posix()
+            assert f"loraserve/{module}" in files, f"{module}: add its package to pyproject.toml"
 
 
 def test_the_client_installs_and_runs_without_torch(wheels, tmp_path):
