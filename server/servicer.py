@@ -18,6 +18,7 @@ deadline is also handed to the engine, so a request queued past its deadline nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -307,30 +308,13 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
         if generation and not isinstance(request, Malformed):
             servicer.record(name, request, code, time.monotonic() - t0)
 
-    if streaming:
-
-        async def stream_handler(request, context):
-            t0, code = time.monotonic(), grpc.StatusCode.OK
-            try:
-                check(request)
-                async for response in fn(request, context):
-                    yield response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as err:
-                code = status_for(err)
-                await fail(context, err, code)
-            finally:
-                done(request, code, t0)
-
-        return stream_handler
-
-    async def unary_handler(request, context):
+    @contextlib.asynccontextmanager
+    async def shared(request, context):
+        """Around one call: refuse it early, map what it raised, record how it ended."""
         t0, code = time.monotonic(), grpc.StatusCode.OK
         try:
             check(request)
-            return await fn(request, context)
+            yield
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -339,6 +323,19 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
             await fail(context, err, code)
         finally:
             done(request, code, t0)
+
+    if streaming:
+
+        async def stream_handler(request, context):
+            async with shared(request, context):
+                async for response in fn(request, context):
+                    yield response
+
+        return stream_handler
+
+    async def unary_handler(request, context):
+        async with shared(request, context):
+            return await fn(request, context)
 
     return unary_handler
 
