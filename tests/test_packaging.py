@@ -11,9 +11,11 @@ one module-scoped build.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -39,8 +41,10 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
     source = tmp_path_factory.mktemp("source")
     tracked = run("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
     for name in filter(None, tracked):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():  # client/v1 -> the stubs
+            (source / name).symlink_to(os.readlink(ROOT / name))
+        elif (ROOT / name).is_file():
             shutil.copy2(ROOT / name, source / name)
     # --no-build-isolation: build with this venv's setuptools instead of fetching one
     for project in (source / "client", source):
@@ -110,3 +114,23 @@ def test_the_server_installs_beside_adapterhub_adapters(wheels, tmp_path):
     assert run(python, "-c", probe, cwd=tmp_path).stdout.strip()
     server = run(tmp_path / "both" / "bin" / "loraserve-server", "--help")
     assert "--max-active-adapters" in server.stdout
+
+
+def test_the_client_sdist_carries_the_stubs(tmp_path):
+    """A source distribution of client/ (what an index would serve) builds a complete wheel."""
+    build = (
+        "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    )
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "client", source / "client", symlinks=True)
+    shutil.copytree(ROOT / "protos", source / "protos")
+    name = run(sys.executable, "-c", build, tmp_path / "sdist", cwd=source / "client").stdout
+    with tarfile.open(tmp_path / "sdist" / name.strip().splitlines()[-1]) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+        "-w", tmp_path / "wheel", unpacked)  # fmt: skip
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert "loraserve/v1/inference_pb2_grpc.py" in z.namelist()
+        assert "loraserve/client/client.py" in z.namelist()
