@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 Tables = Tensor | tuple[Tensor, ...]  # one slot table, or a group that shares one input
 Outputs = Tensor | tuple[Tensor, ...]
+Group = tuple[Tensor, ...]  # tables (or outputs) after grouping: what implementations see
 
 KERNELS = ("reference", "torch", "triton")
 
@@ -91,8 +91,13 @@ class Segments:
         )
 
 
-class LoRAKernels(Protocol):
-    """Shrink and expand over slot tables; see the module docstring for the semantics."""
+class LoRAKernels:
+    """Shrink and expand over slot tables; see the module docstring for the semantics.
+
+    The public ops group the tables and check the shapes once for every implementation, which
+    only defines ``_shrink(x, As, token_slots, rank, segments)`` and ``_expand(h, Bs,
+    token_slots, rank, ys, segments)`` on the grouped, checked arguments.
+    """
 
     name: str
 
@@ -105,7 +110,9 @@ class LoRAKernels(Protocol):
         segments: Segments | None = None,
     ) -> Tensor:
         """``x [T, in]`` through each table of ``A`` -> ``h [T, len(A) * rank]`` float32."""
-        ...
+        As = as_group(A)
+        check_shrink(x, As, token_slots, rank)
+        return self._shrink(x, As, token_slots, rank, segments)
 
     def expand(
         self,
@@ -117,7 +124,15 @@ class LoRAKernels(Protocol):
         segments: Segments | None = None,
     ) -> None:
         """Add ``h[:, g*rank:(g+1)*rank] @ B_g[slot, :rank]`` into ``outputs[g]`` in place."""
-        ...
+        Bs, ys = as_group(B), as_group(outputs)
+        check_expand(h, Bs, token_slots, rank, ys)
+        self._expand(h, Bs, token_slots, rank, ys, segments)
+
+    def _shrink(self, x, As, token_slots, rank, segments) -> Tensor:
+        raise NotImplementedError
+
+    def _expand(self, h, Bs, token_slots, rank, ys, segments) -> None:
+        raise NotImplementedError
 
 
 def make_kernels(name: str, device: torch.device | str | None = None) -> LoRAKernels:

@@ -8,22 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Outputs, Segments, Tables, as_group, check_expand, check_shrink
+from . import Group, LoRAKernels, Segments
 
 
-class ReferenceKernels:
+class ReferenceKernels(LoRAKernels):
     name = "reference"
 
-    def shrink(
-        self,
-        x: Tensor,
-        A: Tables,
-        token_slots: Tensor,
-        rank: int,
-        segments: Segments | None = None,
+    def _shrink(
+        self, x: Tensor, As: Group, token_slots: Tensor, rank: int, segments: Segments | None
     ) -> Tensor:
-        As = as_group(A)
-        check_shrink(x, As, token_slots, rank)
         slots = _token_slots(token_slots, segments)
         h = torch.zeros(x.shape[0], len(As) * rank, dtype=torch.float32, device=x.device)
         for t, s in enumerate(slots):
@@ -33,17 +26,15 @@ class ReferenceKernels:
                 h[t, g * rank : (g + 1) * rank] = table[s, :rank].float() @ x[t].float()
         return h
 
-    def expand(
+    def _expand(
         self,
         h: Tensor,
-        B: Tables,
+        Bs: Group,
         token_slots: Tensor,
         rank: int,
-        outputs: Outputs,
-        segments: Segments | None = None,
+        ys: Group,
+        segments: Segments | None,
     ) -> None:
-        Bs, ys = as_group(B), as_group(outputs)
-        check_expand(h, Bs, token_slots, rank, ys)
         slots = _token_slots(token_slots, segments)
         for t, s in enumerate(slots):
             if s == 0:

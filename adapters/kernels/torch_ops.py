@@ -12,22 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Outputs, Segments, Tables, as_group, check_expand, check_shrink
+from . import Group, LoRAKernels, Segments
 
 
-class TorchKernels:
+class TorchKernels(LoRAKernels):
     name = "torch"
 
-    def shrink(
-        self,
-        x: Tensor,
-        A: Tables,
-        token_slots: Tensor,
-        rank: int,
-        segments: Segments | None = None,
+    def _shrink(
+        self, x: Tensor, As: Group, token_slots: Tensor, rank: int, segments: Segments | None
     ) -> Tensor:
-        As = as_group(A)
-        check_shrink(x, As, token_slots, rank)
         xt = x.unsqueeze(2)  # [T, in, 1]
         hs = [
             torch.bmm(table[:, :rank].index_select(0, token_slots), xt).squeeze(2)  # [T, rank]
@@ -35,17 +28,15 @@ class TorchKernels:
         ]
         return torch.cat(hs, dim=1).float()  # [T, G*rank]
 
-    def expand(
+    def _expand(
         self,
         h: Tensor,
-        B: Tables,
+        Bs: Group,
         token_slots: Tensor,
         rank: int,
-        outputs: Outputs,
-        segments: Segments | None = None,
+        ys: Group,
+        segments: Segments | None,
     ) -> None:
-        Bs, ys = as_group(B), as_group(outputs)
-        check_expand(h, Bs, token_slots, rank, ys)
         for g, (table, y) in enumerate(zip(Bs, ys)):
             b = table[:, :rank].index_select(0, token_slots)  # [T, rank, out]
             hg = h[:, g * rank : (g + 1) * rank].to(b.dtype).unsqueeze(1)  # [T, 1, rank]

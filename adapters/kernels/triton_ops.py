@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import Outputs, Segments, Tables, as_group, check_expand, check_shrink
+from . import Group, LoRAKernels, Segments
 
 MAX_GROUP = 3  # tables per launch: q/k/v
 
@@ -309,7 +309,7 @@ def _expand_sgmv(
                                  FP32, BLOCK_R, BLOCK_N)  # fmt: skip
 
 
-class TritonKernels:
+class TritonKernels(LoRAKernels):
     """BGMV (decode) and SGMV (prefill, when given ``Segments``) Triton kernels.
 
     Block sizes are constructor arguments so tests can force several blocks on small shapes.
@@ -337,16 +337,9 @@ class TritonKernels:
     # ----------------------------------------------------------------------------------------
     # shrink
 
-    def shrink(
-        self,
-        x: Tensor,
-        A: Tables,
-        token_slots: Tensor,
-        rank: int,
-        segments: Segments | None = None,
+    def _shrink(
+        self, x: Tensor, As: Group, token_slots: Tensor, rank: int, segments: Segments | None
     ) -> Tensor:
-        As = as_group(A)
-        check_shrink(x, As, token_slots, rank)
         x = _inner_contiguous(x)
         As = tuple(_inner_contiguous(a) for a in As)
         T, K = x.shape
@@ -392,17 +385,15 @@ class TritonKernels:
     # ----------------------------------------------------------------------------------------
     # expand
 
-    def expand(
+    def _expand(
         self,
         h: Tensor,
-        B: Tables,
+        Bs: Group,
         token_slots: Tensor,
         rank: int,
-        outputs: Outputs,
-        segments: Segments | None = None,
+        ys: Group,
+        segments: Segments | None,
     ) -> None:
-        Bs, ys = as_group(B), as_group(outputs)
-        check_expand(h, Bs, token_slots, rank, ys)
         h = _inner_contiguous(h)
         Bs = tuple(_inner_contiguous(b) for b in Bs)
         T = h.shape[0]
