@@ -375,7 +375,8 @@ class LoRAContext:
         self.single: int | None = None
         self.row_slots: Tensor | None = None  # [B] long
         self._token_slots: list[int] = []  # host copy of ``slots``
-        self.kernel_segments = None  # prefill rows as kernel Segments (SGMV), built on the host
+        self._prefill_rows: tuple | None = None  # (row slots, seq_len, device) of a prefill
+        self._kernel_segments: Segments | None = None
         self._ids: list[int] = []  # distinct slots of this forward
         self._segments: list[tuple[int, Tensor]] | None = []
         self.active = False  # any token on a non-zero slot?
@@ -388,8 +389,8 @@ class LoRAContext:
         """Row ``b``'s ``seq_len`` tokens all use slot ``row_slots[b]`` (0 = the base model)."""
         rows = [int(s) for s in row_slots]
         self._route([s for s in rows for _ in range(seq_len)], rows, device)
-        if seq_len > 1 and self.active:
-            self.kernel_segments = Segments.from_rows(rows, [seq_len] * len(rows), device)
+        if seq_len > 1 and self.active:  # prefill rows: SGMV segments, built if a layer asks
+            self._prefill_rows = (rows, seq_len, device)
 
     def set_slots(self, slots: Tensor) -> None:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
@@ -404,7 +405,7 @@ class LoRAContext:
 
     def _route(self, tokens: list[int], rows: list[int] | None, device) -> None:
         self.single, self.row_slots, self._segments = None, None, []
-        self.kernel_segments = None
+        self._prefill_rows, self._kernel_segments = None, None
         self._token_slots = tokens
         self.slots = torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True)
         ids = sorted(set(tokens)) or [0]
@@ -419,6 +420,15 @@ class LoRAContext:
         if rows is not None:
             self.row_slots = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
         self._ids, self._segments = ids, None  # built on first use: only "segment" needs them
+
+    @property
+    def kernel_segments(self) -> Segments | None:
+        """A prefill's rows as kernel ``Segments`` (SGMV), built on first use: only the
+        ``triton`` backend asks, once per forward; None for a decode step."""
+        if self._kernel_segments is None and self._prefill_rows is not None:
+            rows, seq_len, device = self._prefill_rows
+            self._kernel_segments = Segments.from_rows(rows, [seq_len] * len(rows), device)
+        return self._kernel_segments
 
     @property
     def segments(self) -> list[tuple[int, Tensor]]:

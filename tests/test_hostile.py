@@ -410,42 +410,21 @@ def test_threads_follow_the_cgroup_quota(tmp_path):
     assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
 
 
-def test_cli_wait_ready(served):
-    env = dict(os.environ)
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loraserve.client.cli",
-            "--target",
-            served.target,
-            "--wait-ready",
-            "10",
-            "info",
-        ],
+def loraserve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loraserve.client.cli", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=dict(os.environ),
         timeout=60,
     )
+
+
+def test_cli_wait_ready(served):
+    ok = loraserve_cli("--target", served.target, "--wait-ready", "10", "info")
     assert ok.returncode == 0 and "device:" in ok.stdout
     t0 = time.monotonic()
-    nobody = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loraserve.client.cli",
-            "--target",
-            f"127.0.0.1:{free_port()}",
-            "--wait-ready",
-            "1",
-            "info",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    nobody = loraserve_cli("--target", f"127.0.0.1:{free_port()}", "--wait-ready", "1", "info")
     assert nobody.returncode == 1 and "not ready after 1s" in nobody.stderr
     assert time.monotonic() - t0 < 15
 
