@@ -409,7 +409,7 @@ class Engine:
             for item in dropped:
                 self._waiting.remove(item)
         for handle, _ in dropped:
-            handle.on_event(FinishEvent(FinishReason.CANCELLED, len(handle.request.prompt_ids), 0))
+            _deliver(handle, FinishEvent(FinishReason.CANCELLED, len(handle.request.prompt_ids), 0))
             reaped = True
         return reaped
 
@@ -432,7 +432,7 @@ class Engine:
                     log.exception("placing adapter %r failed", handle.request.adapter)
                     err = ServingError(f"internal error: {err}")
                 self._dequeue(handle)
-                handle.on_event(FinishEvent(FinishReason.ERROR, n, 0, error=err))
+                _deliver(handle, FinishEvent(FinishReason.ERROR, n, 0, error=err))
                 continue
             if placed is None:
                 continue  # adapter loading; requests behind it may go ahead
@@ -446,7 +446,7 @@ class Engine:
                 if slot:
                     self.adapters.release(slot)
                 error = ServingError(f"internal error: {err}")
-                handle.on_event(FinishEvent(FinishReason.ERROR, n, 0, error=error))
+                _deliver(handle, FinishEvent(FinishReason.ERROR, n, 0, error=error))
                 continue
             self._free_rows.pop()
             with self._lock:
@@ -487,13 +487,10 @@ class Engine:
                 continue
             try:
                 self._accept_token(seq, token, now)
-            except Exception as err:  # e.g. a caller's event callback failed: that row only
-                log.exception("delivering a token of request %r failed", seq.request.request_id)
+            except Exception as err:  # a bug in this row's text handling: that row only
+                log.exception("accepting a token of request %r failed", seq.request.request_id)
                 if seq in self._running:
-                    try:
-                        self._fail_row(seq, ServingError(f"internal error: {err}"))
-                    except Exception:  # the callback fails again: the sequence is freed anyway
-                        log.exception("failing request %r failed", seq.request.request_id)
+                    self._fail_row(seq, ServingError(f"internal error: {err}"))
 
     def _fail_row(self, seq: _Sequence, error: ServingError) -> None:
         """One row of a batch failed (non-finite logits, a failed draw): it finishes alone."""
@@ -588,7 +585,7 @@ class Engine:
             new_ids = new_ids[:-1]
         text = seq.text[seq.emitted : upto] if upto > seq.emitted else ""
         if text or new_ids:
-            seq.handle.on_event(TokenEvent(new_ids, text))
+            _deliver(seq.handle, TokenEvent(new_ids, text))
             seq.reported_ids = len(seq.generated)
             seq.emitted = max(seq.emitted, upto)
 
@@ -614,7 +611,18 @@ class Engine:
         event = FinishEvent(reason, seq.prompt_len, len(seq.generated), seq.version, error)
         if self.metrics is not None:
             self.metrics.observe_finish(seq.request.adapter, event)
-        seq.handle.on_event(event)
+        _deliver(seq.handle, event)
+
+
+def _deliver(handle: RequestHandle, event: Event) -> None:
+    """Hand ``event`` to the caller. A callback that raises (its event loop is gone, say) is the
+    caller's problem: it is logged and the request cancelled, so the next step frees it; the
+    batch it shares goes on."""
+    try:
+        handle.on_event(event)
+    except Exception:
+        log.exception("delivering an event of request %r failed", handle.request.request_id)
+        handle.cancel()
 
 
 class StopTail:

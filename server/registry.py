@@ -236,12 +236,6 @@ class AdapterRegistry:
             raise AdapterUnavailable(name, error)
         raise AdapterNotFound(name)
 
-    def knows(self, name: str) -> bool:
-        """Is ``name`` deployed (a working version is current)? Only such names own a metrics
-        label: refused files are as many as anyone can drop, and share one label."""
-        with self._lock:
-            return name in self._current
-
     def transient_errors(self) -> list[str]:
         """Adapters refused because their file could not be read at all: worth retrying."""
         with self._lock:

@@ -155,7 +155,9 @@ class Runtime:
             max_bytes=max_adapter_bytes(self.lora_shapes, config.max_lora_rank),
             max_header_bytes=max_header_bytes(self.lora_shapes),
         )
-        self.metrics.label.known = self.registry.knows
+        # only deployed adapters own a metrics label: refused files are as many as anyone can
+        # drop into the folder, and share __unknown__ with names that do not exist
+        self.metrics.label.known = lambda name: self.registry.current(name) is not None
         self.cache = AdapterCache(
             self.registry,
             self.table,
