@@ -382,6 +382,7 @@ class LoRAContext:
         self.active = False  # any token on a non-zero slot?
         self.rank = 0  # the largest adapter rank among this forward's slots
         self.slot_rank: dict[int, int] = {}  # filled slot -> its adapter's rank
+        self.rank_probe: Tensor | None = None  # static steps: the rank as a tensor's size
 
     def set_rows(
         self, row_slots: Sequence[int], seq_len: int, device: torch.device | str = "cpu"
@@ -403,8 +404,27 @@ class LoRAContext:
                 rows = [r[0] for r in per_row]
         self._route(tokens, rows, slots.device)
 
+    def set_static(self, row_slots: Tensor, rank: int, rank_probe: Tensor | None = None) -> None:
+        """A static decode step's routing: one token per row, row ``b`` on ``row_slots[b]`` (a
+        preallocated device buffer the step fills), every layer computing with ``rank`` (a
+        rank bucket; 0 = no row uses an adapter, the LoRA path is skipped). Same shapes and
+        same code path whatever the slots: no one-adapter shortcut, no host copy of the slots
+        (only the ``gather`` and ``triton`` backends take this routing).
+
+        ``rank_probe``: a tensor of shape ``[rank]`` whose *size* the gather path reads as the
+        rank, so a block compiled with dynamic shapes serves every rank bucket with one graph
+        (a Python int would be a constant of the graph, one compilation per bucket)."""
+        self.single, self._segments = None, []
+        self._prefill_rows, self._kernel_segments = None, None
+        self._token_slots = []
+        self.slots = self.row_slots = row_slots
+        self.active = rank > 0
+        self.rank = rank
+        self.rank_probe = rank_probe
+
     def _route(self, tokens: list[int], rows: list[int] | None, device) -> None:
         self.single, self.row_slots, self._segments = None, None, []
+        self.rank_probe = None
         self._prefill_rows, self._kernel_segments = None, None
         self._token_slots = tokens
         self.slots = torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True)
@@ -578,7 +598,9 @@ class BatchedLoRALinear(nn.Module):
     def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
         rows = self.context.row_slots
         if rows is not None and x.dim() == 3 and x.shape[0] == rows.shape[0]:
-            r = self.context.rank  # read only the ranks in use, not max_rank of zero padding
+            # read only the ranks in use, not max_rank of zero padding
+            probe = self.context.rank_probe
+            r = self.context.rank if probe is None else probe.shape[0]
             h = torch.bmm(x, self.A[:, :r].index_select(0, rows).transpose(1, 2))  # [B, S, r]
             return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
         return self._flat(x, y, self._per_token)

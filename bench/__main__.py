@@ -1,9 +1,8 @@
 """The benchmark suite: ``python -m bench [--quick] [--device cuda --dtype bfloat16] [--out DIR]``.
 
-Runs ``bench.engine``, ``bench.peers`` and ``bench.load`` with the same arguments and prints
-where the results went. On this project's 2-core CPU machine the full suite takes about 12
-minutes (measured 11m50s) and ``--quick`` 1m45s (hidden 512 only, fewer tokens, shorter load
-runs); see bench/README.md.
+Runs ``bench.engine``, ``bench.peers``, ``bench.load`` and (not with ``--quick``) ``bench.real``
+with the same arguments and prints where the results went; see bench/README.md for how long
+each takes on this project's 2-core CPU machine.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import argparse
 import sys
 import time
 
-from bench import engine, load, peers, summary
+from bench import engine, load, peers, real, summary
 
 
 def shared_args(argv: list[str]) -> list[str]:
@@ -48,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     load_paths = load.write(load_report, load_args.out)
     print(load.markdown(load_report, load_paths[2:]))
     written = [*engine_paths, *peers_paths, *load_paths]
+    if "--quick" not in shared:
+        real_args = real.parse_args(shared)
+        real_report = real.run_suite(real_args)
+        written += real.write(real_report, real_args.out)
+        print(real.markdown(real_report))
     if "--quick" not in shared and "--out" not in shared:
         written.append(summary.write())  # the README's numbers, from the JSON just written
     print(f"suite done in {time.monotonic() - t0:.0f} s; wrote:")

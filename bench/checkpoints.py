@@ -35,6 +35,7 @@ class ModelSpec:
     kv_heads: int
     intermediate: int
     vocab: int
+    tied: bool = False  # lm_head shares the embedding matrix
 
     @property
     def label(self) -> str:
@@ -46,6 +47,9 @@ SMALL = ModelSpec("llama-h512", 512, 6, 8, 8, 1408, 8192)
 # TinyLlama-1.1B's layer shapes (GQA 32/4 heads, MLP 5632, vocab 32000) with 4 layers: ~0.3B.
 LARGE = ModelSpec("llama-h2048", 2048, 4, 32, 4, 5632, 32000)
 SPECS = {spec.hidden: spec for spec in (SMALL, LARGE)}
+# SmolLM2-135M-Instruct's shapes (30 layers, hidden 576, GQA 9/3, MLP 1536, vocab 49152, tied
+# embeddings), random weights: the "real model" of bench/real.py until the GGUF one is served.
+SMOLLM2_SHAPED = ModelSpec("smollm2-135m-shaped", 576, 30, 9, 3, 1536, 49152, tied=True)
 
 
 def default_cache_dir() -> Path:
@@ -69,7 +73,7 @@ def checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tied,
         bos_token_id=None,
         eos_token_id=None,  # no EOS: every request runs to max_new_tokens
         pad_token_id=0,

@@ -67,6 +67,7 @@ def server_config(
     batch: int,
     max_seq_len: int,
     requests: int,
+    compile: str = "auto",
 ):
     """The ``ServerConfig`` every bench run uses: all adapters fit in device and host slots (the
     steady state of a warm server), no metrics endpoint, no folder polling during timing."""
@@ -89,6 +90,7 @@ def server_config(
         max_queue=max(256, requests),
         watch_poll_interval=3600.0,
         drain_grace=1.0,
+        compile=compile,
     )
 
 

@@ -162,3 +162,64 @@ class OthersMeter:
         tick = os.sysconf("SC_CLK_TCK")
         busy = ((cpu[1] - cpu[0]) - (self._cpu[1] - self._cpu[0])) / tick
         return round(max(0.0, busy - own) / (wall * (os.cpu_count() or 1)), 3)
+
+
+def gemm_floor(
+    shapes: dict[tuple[int, int], int], batch: int, device: str, dtype: str, reps: int = 30
+) -> dict:
+    """The compute floor of one decode step: every Linear of the model as one GEMM of ``batch``
+    rows, timed alone on this machine at its own shape.
+
+    ``shapes``: ``(d_in, d_out) -> how many layers have it``. Each shape is timed through
+    ``F.linear`` (the BLAS) and, where it runs (CPU float32), through the oneDNN-packed linear
+    the compiled step uses; the floor takes the faster per shape, so it is the best GEMM this
+    machine offers at that shape, not ours. Returns per shape ms and GFLOPS, and the totals:
+    ``floor_ms`` (sum of the best times), ``blas_ms``, ``gflop`` (2 * batch * in * out summed)."""
+    import torch.nn.functional as F
+    from loraserve.adapters.models.packed import can_pack, packed_linear
+
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    packable = can_pack(dev, dt)
+    rows, floor, blas, flops = [], 0.0, 0.0, 0
+    for (d_in, d_out), count in sorted(shapes.items()):
+        x = torch.randn(batch, d_in, device=dev, dtype=dt)
+        w = torch.randn(d_out, d_in, device=dev, dtype=dt)
+        times = {"blas": _time(lambda x=x, w=w: F.linear(x, w), dev, reps)}
+        if packable:
+            times["onednn"] = _time(lambda x=x, w=w: packed_linear(x, w, None), dev, reps)
+        best = min(times.values())
+        f = 2 * batch * d_in * d_out
+        rows.append(
+            {
+                "shape": [d_in, d_out],
+                "count": count,
+                **{f"{k}_ms": round(v * 1e3, 4) for k, v in times.items()},
+                "best_gflops": round(f / best / 1e9, 1),
+            }
+        )
+        floor += count * best
+        blas += count * times["blas"]
+        flops += count * f
+    return {
+        "batch": batch,
+        "shapes": rows,
+        "floor_ms": round(floor * 1e3, 3),
+        "blas_ms": round(blas * 1e3, 3),
+        "gflop": round(flops / 1e9, 4),
+        "gflops_at_floor": round(flops / floor / 1e9, 1),
+    }
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()`` after a warm-up."""
+    with torch.inference_mode():
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -42,16 +42,18 @@ def render(results: Path = RESULTS) -> str:
     engines = [r for d in ("cpu", "cuda") if (r := _load(results, f"engine-{d}"))]
     peers = _load(results, "peers-cpu")
     load = _load(results, "load-cpu")
+    real = _load(results, "real-cpu")
     lines = [
         "| target (the issues set them for the CPU machine) | measured | met | where |",
         "| --- | --- | --- | --- |",
     ]
     for report in (r for r in engines if r["machine"]["device"] == "cpu"):
-        backend = report["default_backend"]["backend"]
+        label, _ = _engine_default(report)
         for t in report["targets"]:
-            if t["backend"] == backend:
+            if t.get("variant", t.get("backend")) == label:
+                target = t["target"] if isinstance(t["target"], str) else f">= {t['target']}"
                 lines.append(
-                    f"| {t['metric']} >= {t['target']}, hidden {t['hidden']} | "
+                    f"| {t['metric']} {target}, hidden {t['hidden']} | "
                     f"{t['measured']:.3f} | {'yes' if t['met'] else 'no'} | "
                     f"engine-{report['machine']['device']} |"
                 )
@@ -60,6 +62,12 @@ def render(results: Path = RESULTS) -> str:
             lines.append(
                 f"| {t['metric']} >= {t['target']} | {_r(t['measured'], 2)} | "
                 f"{'yes' if t['met'] else 'no'} | peers-cpu |"
+            )
+    if real:
+        for t in real["targets"]:
+            lines.append(
+                f"| {t['metric']} >= {t['target']} ({real['settings']['model']['name']}) | "
+                f"{_r(t['measured'], 2)} | {'yes' if t['met'] else 'no'} | real-cpu |"
             )
     if load:
         t = load["summary"]["target"]
@@ -77,12 +85,11 @@ def render(results: Path = RESULTS) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for report in engines:
-        backend = report["default_backend"]["backend"]
-        for size, s in report["summary"].items():
-            b = s["backends"][backend]
+        label, sizes = _engine_default(report)
+        for size, b in sizes.items():
             lines.append(
-                f"| {_machine(report)} | {size} | {_r(b['one/base'])} | "
-                f"{_r(b['distinct/base'])} | {_r(s.get('distinct-r64/base'))} | "
+                f"| {_machine(report)} ({label}) | {size} | {_r(b['one/base'])} | "
+                f"{_r(b['distinct/base'])} | {_r(b.get('distinct-r64/base'))} | "
                 f"{_r(b['distinct step / floor step'])}x |"
             )
     if peers:
@@ -108,6 +115,19 @@ def render(results: Path = RESULTS) -> str:
     if load:
         lines += _load_lines(load)
     return "\n".join(lines) + "\n"
+
+
+def _engine_default(report: dict) -> tuple[str, dict[str, dict]]:
+    """The default configuration of an engine report and its ratios per hidden size: the last
+    variant (backend:compile) of a report from issue 13 on, the chosen backend before that."""
+    if "variants" in report["settings"]:
+        variant = report["settings"]["variants"][-1]
+        return variant, {size: s["variants"][variant] for size, s in report["summary"].items()}
+    backend = report["default_backend"]["backend"]
+    return backend, {
+        size: {**s["backends"][backend], "distinct-r64/base": s.get("distinct-r64/base")}
+        for size, s in report["summary"].items()
+    }
 
 
 def _x(value) -> str:

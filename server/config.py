@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraserve.adapters.lora import BatchedLoRALinear
+from loraserve.adapters.models.decode import MODES as DECODE_MODES
 from loraserve.server.engine import EngineConfig
 from loraserve.server.resources import parse_bytes
 
@@ -69,6 +70,14 @@ class ServerConfig:
         "gather",
         "how the batched LoRA delta is computed (bench/engine.py compares them)",
         choices=list(BatchedLoRALinear.BACKENDS),
+    )
+    compile: str = setting(
+        "auto",
+        "the decode step: off = eager; auto = on fixed shapes, compiled where it pays (CPU: "
+        "inductor and oneDNN-packed weights; CUDA: eager until its CUDA-graph path has passed "
+        "its tests on a GPU, LORASERVE_CUDA_GRAPHS=1 opts in); or name a mode: static (padded, "
+        "eager), inductor, cuda-graphs",
+        choices=["auto", "off", *DECODE_MODES],
     )
     max_batch_size: int = setting(32, "sequences decoded together (KV-cache rows)")
     max_seq_len: int = setting(1024, "prompt + completion tokens per sequence")

@@ -39,6 +39,7 @@ finishes with an error while the rest of the batch goes on.
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
 import math
 import queue
@@ -227,8 +228,10 @@ class Engine:
         adapters=None,
         metrics=None,
         device: torch.device | str = "cpu",
+        decoder=None,
     ):
         self.model = model
+        self.decoder = decoder  # a DecodeStep (static shapes, compiled), or None: eager
         self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.config = config
@@ -242,7 +245,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[tuple[RequestHandle, float]] = deque()
         self._running: list[_Sequence] = []
-        self._free_rows = list(range(config.max_batch_size - 1, -1, -1))
+        self._free_rows = list(range(config.max_batch_size))  # a heap: the lowest row first
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -381,6 +384,7 @@ class Engine:
     def step(self) -> bool:
         """One scheduling iteration; returns whether any forward ran or anything finished."""
         reaped = self._reap()
+        self._compact()
         admitted = self._admit()
         # in KV-row order: a batch on rows 0..B-1 reads the cache as views instead of a gather
         decoding = sorted((s for s in self._running if s not in admitted), key=lambda s: s.row)
@@ -413,6 +417,21 @@ class Engine:
             reaped = True
         return reaped
 
+    def _compact(self) -> None:
+        """Keep the running sequences on KV rows ``0..n-1``: move the one on the highest row
+        down into the lowest free row while that is lower. A decode batch is then the first
+        rows of the cache (views, no gather; the static step's buckets), and prefills take the
+        rows right after. A move copies the positions the sequence wrote and clears them."""
+        while self._free_rows and self._running:
+            top = max(self._running, key=lambda s: s.row)
+            if self._free_rows[0] > top.row:
+                return
+            row = heapq.heappop(self._free_rows)
+            if self.kv_cache is not None:
+                self.kv_cache.move_row(top.row, row, top.kv_written)
+            heapq.heappush(self._free_rows, top.row)
+            top.row = row
+
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
         budget = self.config.prefill_token_budget
@@ -440,7 +459,7 @@ class Engine:
             self._dequeue(handle)
             try:
                 detok = IncrementalDetokenizer(self.tokenizer, handle.request.prompt_ids)
-                seq = _Sequence(handle, self._free_rows[-1], slot, version, detok, t_arrival)
+                seq = _Sequence(handle, self._free_rows[0], slot, version, detok, t_arrival)
             except Exception as err:  # the slot is pinned and the request dequeued: undo both
                 log.exception("starting request %r failed", handle.request.request_id)
                 if slot:
@@ -448,7 +467,7 @@ class Engine:
                 error = ServingError(f"internal error: {err}")
                 _deliver(handle, FinishEvent(FinishReason.ERROR, n, 0, error=error))
                 continue
-            self._free_rows.pop()
+            heapq.heappop(self._free_rows)
             with self._lock:
                 self._running.append(seq)
             if self.metrics is not None:
@@ -521,6 +540,12 @@ class Engine:
             for s in seqs:
                 s.kv_written = width  # pads write k/v too
             kv_len = width
+        elif self.decoder is not None and [s.row for s in seqs] == list(range(len(seqs))):
+            for s in seqs:
+                s.kv_written = max(s.kv_written, s.position + 1)
+            return self.decoder(
+                [s.last_token for s in seqs], [s.position for s in seqs], [s.slot for s in seqs]
+            )
         else:
             ids = torch.tensor([[s.last_token] for s in seqs])
             positions = torch.tensor([[s.position] for s in seqs])
@@ -605,7 +630,7 @@ class Engine:
             self._running.remove(seq)
         if self.kv_cache is not None:  # the next owner of the row must find nothing of ours
             self.kv_cache.clear_row(seq.row, seq.kv_written)
-        self._free_rows.append(seq.row)
+        heapq.heappush(self._free_rows, seq.row)
         if seq.slot:
             self.adapters.release(seq.slot)
         event = FinishEvent(reason, seq.prompt_len, len(seq.generated), seq.version, error)

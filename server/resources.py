@@ -105,22 +105,25 @@ class MemoryPlan:
     slot_tables: int
     host_cache: int  # the host adapter cache's byte bound (filled on demand)
     device: torch.device
+    packed: int = 0  # oneDNN-packed copies of the Linear weights (compiled CPU step)
 
     @property
     def to_allocate(self) -> int:
         """What start-up still allocates on the device."""
-        return self.kv_cache + self.slot_tables
+        return self.kv_cache + self.slot_tables + self.packed
 
     @property
     def total(self) -> int:
         """Everything, the host cache bound included when it shares the device's memory."""
         host = self.host_cache if self.device.type == "cpu" else 0
-        return self.weights + self.kv_cache + self.slot_tables + host
+        return self.weights + self.packed + self.kv_cache + self.slot_tables + host
 
     def describe(self) -> str:
         f = format_bytes
+        packed = f" (+ {f(self.packed)} packed for the CPU GEMM)" if self.packed else ""
         return (
-            f"memory plan on {self.device}: weights {f(self.weights)}, KV cache {f(self.kv_cache)}"
+            f"memory plan on {self.device}: weights {f(self.weights)}{packed}, "
+            f"KV cache {f(self.kv_cache)}"
             f", LoRA slot tables {f(self.slot_tables)}, host adapter cache up to "
             f"{f(self.host_cache)}; total {f(self.total)}"
         )
@@ -155,7 +158,9 @@ def plan_memory(
     host_cache_bytes: int,
     dtype: torch.dtype,
     device: torch.device,
+    packed: bool = False,
 ) -> MemoryPlan:
+    """``packed``: the Linear weights get oneDNN-packed copies (``adapters.models.packed``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     kv = (
@@ -163,12 +168,14 @@ def plan_memory(
         * model_config.num_layers
         * max_batch_size
         * model_config.num_kv_heads
-        * max_seq_len
+        * (max_seq_len + 1)  # + the scratch column of static decode steps
         * model_config.head_dim
         * itemsize
     )
     tables = sum((slots + 1) * max_rank * (i + o) * itemsize for i, o in lora_shapes.values())
-    return MemoryPlan(weights, kv, tables, host_cache_bytes, device)
+    linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    packed_bytes = sum(w.numel() * w.element_size() for w in linears.values()) if packed else 0
+    return MemoryPlan(weights, kv, tables, host_cache_bytes, device, packed_bytes)
 
 
 def max_header_bytes(lora_shapes: dict[str, tuple[int, int]]) -> int:

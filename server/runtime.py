@@ -3,8 +3,8 @@
     base model (frozen) ──► batched LoRA slot tables on every adapted linear
                          ──► static KV cache
     adapters folder ──► registry ──► host cache ──► device slots ──► engine thread
-                         ▲
-                  folder watcher
+                         ▲                                            (decode step: eager, or
+                  folder watcher                                       static and compiled)
 
 ``Runtime`` owns the parts and their order of start and stop. The gRPC layer
 (``loraserve.server.app``) and tests use it the same way: ``Runtime(config).start()`` ...
@@ -18,6 +18,7 @@ knobs, instead of being killed later.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from loraserve.adapters.demo_paths import demo_adapters_dir, demo_base_dir
 from loraserve.adapters.format import Adapter, WeightsOutOfRange, validate_adapter
 from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from loraserve.adapters.models import KVCache, load_model
+from loraserve.adapters.models.decode import DecodeStep
+from loraserve.adapters.models.packed import can_pack, pack_linears
 from loraserve.server.adapter_cache import AdapterCache, HostCache
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine import Engine
@@ -61,6 +64,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
+    """The ``DecodeStep`` mode ``--compile`` means on ``device``; None = the eager step."""
+    if config.compile == "off":
+        return None
+    if config.compile != "auto":
+        return config.compile
+    if config.lora_backend not in ("gather", "triton"):
+        return None  # the loop and segment backends route on the host, token by token
+    if device.type == "cuda":
+        # not yet run on a GPU by this project: opt-in until it has passed its tests there
+        return "cuda-graphs" if os.environ.get("LORASERVE_CUDA_GRAPHS") == "1" else None
+    return "inductor" if device.type == "cpu" else None
 
 
 def model_path(model: str) -> Path:
@@ -120,6 +137,8 @@ class Runtime:
         model = self.loaded.model
         self.base_shapes = linear_shapes(model)
         targeted = target_names(model, config.lora_targets)
+        self.decode_mode = decode_mode(config, self.device)
+        packed = self.decode_mode == "inductor" and can_pack(self.device, self.dtype)
         self.memory_plan = plan_memory(
             model,
             self.loaded.config,
@@ -131,6 +150,7 @@ class Runtime:
             host_cache_bytes=config.max_cached_bytes,
             dtype=self.dtype,
             device=self.device,
+            packed=packed,
         )
         log.info("%s", self.memory_plan.describe())
         self.memory_plan.check(config.max_memory, available_memory(self.device))
@@ -142,6 +162,8 @@ class Runtime:
             backend=config.lora_backend,
         )
         self.lora_shapes = {n: self.base_shapes[n] for n in self.table.layers}
+        if packed:
+            log.info("oneDNN-packed %d linear layers for the CPU GEMM", pack_linears(model))
         self.kv_cache = KVCache(
             self.loaded.config, config.max_batch_size, config.max_seq_len, self.device, self.dtype
         )
@@ -167,6 +189,7 @@ class Runtime:
             # read ahead from disk for as many waiting adapters as there are device slots
             prefetch=max(1, min(config.max_active_adapters, config.max_cached_adapters // 2)),
         )
+        self.decoder = self._decoder(model, config)
         self.engine = Engine(
             model,
             self.kv_cache,
@@ -175,6 +198,7 @@ class Runtime:
             self.cache,
             self.metrics,
             self.device,
+            self.decoder,
         )
         self.cache.wake = self.engine.wake
         self.metrics.bind_state(
@@ -192,6 +216,30 @@ class Runtime:
         self.watcher = AdapterWatcher(
             self.registry, config.watch_debounce, config.watch_poll_interval
         )
+
+    def _decoder(self, model: torch.nn.Module, config: ServerConfig) -> DecodeStep | None:
+        """The static decode step ``--compile`` asks for, warmed up (compiled, captured) for
+        every bucket before the server says SERVING; None for the eager step."""
+        if self.decode_mode is None:
+            return None
+        decoder = DecodeStep(
+            model,
+            self.kv_cache,
+            self.table,
+            max_batch=config.max_batch_size,
+            max_rank=config.max_lora_rank,
+            mode=self.decode_mode,
+            device=self.device,
+        )
+        log.info(
+            "decode step %s: warming up batch buckets %s x rank buckets %s",
+            self.decode_mode,
+            decoder.buckets,
+            decoder.ranks,
+        )
+        seconds = decoder.warm_up()
+        log.info("decode step %s warm-up took %.1f s", self.decode_mode, seconds)
+        return decoder
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers

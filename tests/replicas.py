@@ -30,7 +30,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from tests.serving import wait_for
+from tests.serving import serving_compile, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -133,7 +133,8 @@ class Replica:
         args = [
             sys.executable, "-m", "server", "--model", str(model), "--adapters", str(adapters),
             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cpu",
-            "--max-lora-rank", "8", "--max-seq-len", "64", *extra,
+            "--max-lora-rank", "8", "--max-seq-len", "64", "--compile", serving_compile(),
+            *extra,
         ]  # fmt: skip
         # One torch thread each: three replicas share a small CI machine.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -81,8 +81,17 @@ def serving_config(model: Path, adapters: Path, **overrides) -> ServerConfig:
         watch_debounce=0.1,
         drain_grace=5.0,
         drain_linger=0.0,
+        compile=serving_compile(),
     )
     return ServerConfig(**{**defaults, **overrides})
+
+
+def serving_compile() -> str:
+    """The decode step of serving tests: eager unless LORASERVE_TEST_COMPILE names a mode
+    (``auto``, ``static``, ``inductor``, ``cuda-graphs``): compiling costs seconds per server,
+    so the suite runs eager and tests/test_decode_step.py compares the modes; a GPU run sets
+    ``cuda-graphs`` to run everything on graphs."""
+    return os.environ.get("LORASERVE_TEST_COMPILE", "off")
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):

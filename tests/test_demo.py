@@ -45,6 +45,7 @@ from loraserve.server.sampling import SamplingParams
 from loraserve.v1 import inference_pb2 as pb
 
 from tests.grpc_server import ServerThread
+from tests.serving import serving_compile
 
 SAMPLE = 40  # eval records per adapter sent through the server
 DEMO_SERVER = ServerConfig(
@@ -56,6 +57,7 @@ DEMO_SERVER = ServerConfig(
     metrics_port=None,
     max_lora_rank=16,
     max_seq_len=64,
+    compile=serving_compile(),
 )
 
 

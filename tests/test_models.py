@@ -179,7 +179,8 @@ def test_cache_bounds(tiny_gpt2):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         KVCache(config, 1, config.max_position_embeddings + 1)  # learned positions end there
     cache = KVCache(config, 2, 8)
-    assert cache.nbytes == 2 * config.num_layers * 2 * config.num_heads * 8 * config.head_dim * 4
+    # 8 positions + the scratch column of static decode steps
+    assert cache.nbytes == 2 * config.num_layers * 2 * config.num_heads * 9 * config.head_dim * 4
     with pytest.raises(ValueError, match="position 8"):
         cache.step(torch.tensor([[8]]))
 

@@ -48,7 +48,10 @@ class KVCache:
                 f"max_seq={max_seq} > max_position_embeddings={config.max_position_embeddings}"
             )
         self.max_batch, self.max_seq, self.dtype = max_batch, max_seq, dtype
-        shape = (max_batch, config.num_kv_heads, max_seq, config.head_dim)
+        # One column past every real position: the padded rows of a static decode step write
+        # their k/v there, and no real query ever reads it (its positions are < max_seq).
+        self.scratch = max_seq
+        shape = (max_batch, config.num_kv_heads, max_seq + 1, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
 
@@ -64,46 +67,77 @@ class KVCache:
         for t in (*self.k, *self.v):
             t[row, :, :upto].zero_()
 
+    def move_row(self, src: int, dst: int, upto: int) -> None:
+        """Move positions ``[0, upto)`` of row ``src`` to the (cleared) row ``dst`` and clear
+        them in ``src``: the engine keeps its running sequences on rows 0..n-1 this way."""
+        upto = min(upto, self.max_seq)
+        if upto <= 0 or src == dst:
+            return
+        for t in (*self.k, *self.v):
+            t[dst, :, :upto].copy_(t[src, :, :upto])
+            t[src, :, :upto].zero_()
+
     def step(
-        self, positions: Tensor, rows: Tensor | None = None, kv_len: int | None = None
+        self,
+        positions: Tensor,
+        rows: Tensor | None = None,
+        kv_len: int | None = None,
+        write_at: Tensor | None = None,
     ) -> CacheStep:
         """The view of this cache one forward uses. positions: Long[B, S]; rows: Long[B].
-        ``kv_len`` (the largest position + 1) is known to the engine on the host; without it
-        it is read back from ``positions``, a device sync."""
+
+        ``kv_len`` (the largest position + 1) is known to the engine on the host; without it it
+        is read back from ``positions``, a device sync. ``write_at`` (default ``positions``):
+        where each token's k/v are written; a static step's padded rows write at
+        ``self.scratch``."""
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         if kv_len > self.max_seq:
             raise ValueError(f"position {kv_len - 1} does not fit a KV cache of {self.max_seq}")
         key_pos = torch.arange(kv_len, device=positions.device)
         mask = key_pos <= positions[:, None, :, None]  # [B, 1, S, kv_len]
-        return CacheStep(self, rows, positions, kv_len, mask)
+        write_at = positions if write_at is None else write_at
+        return CacheStep(self, rows, write_at, mask)
 
 
 @dataclass
 class CacheStep:
     cache: KVCache
     rows: Tensor | None  # [B] cache rows, or None for rows 0..B-1
-    positions: Tensor  # [B, S]
-    kv_len: int
+    write_at: Tensor  # [B, S] where each token's k/v go
     mask: Tensor  # bool [B, 1, S, kv_len], True where key_pos <= query_pos
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v: [B, Hkv, S, D] at their positions; return [B, Hkv, kv_len, D] to attend."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        B = k.shape[0]
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.cache.k[i], self.cache.v[i], self.rows, self.write_at, self.mask)
+
+
+@dataclass
+class LayerKV:
+    """One layer's share of a ``CacheStep``: plain tensors only (no layer index, no cache
+    object), so a compiled block sees the same kind of input at every layer."""
+
+    k: Tensor  # [rows, Hkv, max_seq + 1, D]: the layer's whole cache
+    v: Tensor
+    rows: Tensor | None
+    write_at: Tensor
+    mask: Tensor
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v: [B, Hkv, S, D]; return this batch's [B, Hkv, kv_len, D] to attend."""
+        B, kv_len = k.shape[0], self.mask.shape[-1]
         rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
-        index = (rows[:, None], slice(None), self.positions)  # selects [B, S, Hkv, D]
-        kc[index] = k.transpose(1, 2).to(kc.dtype)
-        vc[index] = v.transpose(1, 2).to(vc.dtype)
+        index = (rows[:, None], slice(None), self.write_at)  # selects [B, S, Hkv, D]
+        self.k[index] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[index] = v.transpose(1, 2).to(self.v.dtype)
         if self.rows is None:
-            return kc[:B, :, : self.kv_len], vc[:B, :, : self.kv_len]
-        return kc[self.rows, :, : self.kv_len], vc[self.rows, :, : self.kv_len]
+            return self.k[:B, :, :kv_len], self.v[:B, :, :kv_len]
+        return self.k[self.rows, :, :kv_len], self.v[self.rows, :, :kv_len]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, layer: int, step: CacheStep | None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None) -> Tensor:
     """q: [B, H, S, D], k, v: [B, Hkv, S, D] -> [B, H, S, D]; scale 1/sqrt(D) as in HF."""
-    if step is None:
+    if kv is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    k, v = step.update(layer, k, v)
+    k, v = kv.update(k, v)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask, enable_gqa=True)

@@ -15,10 +15,12 @@ the random init of `build_model`) is the HF order: embeddings, blocks, final nor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
 
-from .attention import CacheStep, KVCache, attention
+from .attention import CacheStep, KVCache, LayerKV, attention
 from .config import ACTIVATIONS, ModelConfig
 from .rope import RotaryEmbedding, apply_rope
 from .specs import ArchSpec
@@ -69,7 +71,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, config.norm_eps)
             self.k_norm = RMSNorm(D, config.norm_eps)
 
-    def forward(self, x: Tensor, rope: Rope | None, layer: int, step: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope | None, kv: LayerKV | None) -> Tensor:
         B, S, _ = x.shape
         projections = [getattr(self, name)(x) for name in self.qkv_names]
         if len(projections) == 1:  # fused [q; k; v] along the output
@@ -81,7 +83,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H or Hkv, S, D]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attention(q, k, v, layer, step)  # [B, H, S, D]
+        y = attention(q, k, v, kv)  # [B, H, S, D]
         return getattr(self, self.o_name)(y.transpose(1, 2).reshape(B, S, self.H * self.D))
 
 
@@ -121,9 +123,9 @@ class Block(nn.Module):
         self.add_module(n.mlp_norm, make_norm(layout.norm, config.hidden_size, config.norm_eps))
         self.add_module(n.mlp, MLP(config, spec))
 
-    def forward(self, x: Tensor, rope: Rope | None, layer: int, step: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope | None, kv: LayerKV | None) -> Tensor:
         attn_norm, attn, mlp_norm, mlp = (getattr(self, name) for name in self.parts)
-        x = x + attn(attn_norm(x), rope, layer, step)
+        x = x + attn(attn_norm(x), rope, kv)
         return x + mlp(mlp_norm(x))
 
 
@@ -164,18 +166,32 @@ class CausalLM(nn.Module):
         kv_len: int | None = None,
     ) -> Tensor:
         B, S = input_ids.shape
-        n, body = self.spec.names, self.body
         if positions is None:
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
         step = kv_cache.step(positions, cache_rows, kv_len) if kv_cache is not None else None
+        return self.run(input_ids, positions, step, logits_at)
+
+    def run(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        step: CacheStep | None,
+        logits_at: Tensor | None = None,
+        blocks: Sequence[Callable] | None = None,
+    ) -> Tensor:
+        """``forward`` once the cache step is built: embeddings, blocks, final norm, head.
+        ``blocks``: callables to run instead of the blocks (compiled ones: a static decode
+        step compiles its own, leaving the modules, hence prefill, eager)."""
+        B = input_ids.shape[0]
+        n, body = self.spec.names, self.body
         x = body[n.embed](input_ids)  # [B, S, C]
         rope = None
         if self.spec.layout.positions == "learned":
             x = x + body[n.pos_embed](positions)
         else:
             rope = body["rotary_emb"](positions, x.dtype)  # cos, sin: [B, S, rotary_dim]
-        for i, block in enumerate(body[n.layers]):
-            x = block(x, rope, i, step)
+        for i, block in enumerate(body[n.layers] if blocks is None else blocks):
+            x = block(x, rope, step.layer(i) if step is not None else None)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
         return self.lm_head(body[n.final_norm](x)).float()

@@ -1,0 +1,236 @@
+"""The decode step on fixed shapes: padded to a batch bucket, compiled once per bucket.
+
+One decode step feeds one token to every running sequence. The engine keeps its running
+sequences on KV rows ``0..n-1`` (it moves a sequence down when a lower row frees up), so the
+step's batch *is* the first rows of the cache and attention reads them as views. A
+``DecodeStep`` pads that batch to a bucket (1, 2, 4, 8, ... up to ``max_batch``) and the adapter
+rank to a rank bucket, fills preallocated buffers from host lists, and runs the model on those
+fixed shapes, so a compiled or captured step serves every step of its bucket:
+
+- padded rows ``n..bucket-1`` feed token 0 at position 0 on slot 0 (the base model), and write
+  their k/v into the cache's scratch column (``KVCache.scratch``, one position past every real
+  one): they never touch what a real sequence wrote or will read. Their logits are dropped. (A
+  scratch *column* rather than a scratch row keeps the batch on rows ``0..bucket-1``, views,
+  with no gather of the cache.)
+- the LoRA layers get the static routing (``LoRAContext.set_static``): the per-row slots in a
+  device buffer and the rank bucket as a host int (0 when no row uses an adapter: the LoRA path
+  is skipped). Only the ``gather`` and ``triton`` backends run this way.
+- nothing in the forward reads a device value back (the routing and the KV read window are
+  built here, on the host).
+
+Modes (``MODES``), chosen once at start-up:
+
+- ``"static"``: the padded step, eager. Tests the padding without a compiler.
+- ``"inductor"`` (CPU): each transformer block compiled by inductor (``torch.compile`` with
+  dynamic shapes over the batch bucket, the KV window and the rank bucket: one compiled block
+  serves every layer, bucket and rank; it compiles once more for the batch of one, and for
+  steps without adapters); embeddings and head stay eager. On CPU the KV read window must
+  follow the longest sequence (reading all ``max_seq`` positions would cost more than the
+  step), hence dynamic shapes rather than one graph per window.
+- ``"cuda-graphs"`` (CUDA): one CUDA graph per (batch bucket, rank bucket), captured at
+  start-up with the KV window fixed at ``max_seq`` (the mask hides what is not yet written); a
+  step copies its inputs into the graph's buffers and replays it. Loading an adapter copies
+  into the slot tables in place, so a captured graph never goes stale.
+
+``warm_up()`` runs every bucket once (compiling or capturing it) and returns the time it took;
+the server does this before it reports SERVING.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import KVCache
+
+MODES = ("static", "inductor", "cuda-graphs")
+MIN_RANK_BUCKET = 8
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below ``max_batch``, then ``max_batch`` itself."""
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_batch]
+
+
+def rank_buckets(max_rank: int) -> list[int]:
+    """0 (no adapter in the batch), then 8, 16, 32, ... below ``max_rank``, then ``max_rank``."""
+    buckets, r = [0], MIN_RANK_BUCKET
+    while r < max_rank:
+        buckets.append(r)
+        r *= 2
+    return [*buckets, max_rank]
+
+
+def _bucket(buckets: Sequence[int], n: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class DecodeStep:
+    """One token for each sequence on KV rows ``0..n-1``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        lora=None,  # LoRASlotTable, or None for a model without LoRA layers
+        *,
+        max_batch: int,
+        max_rank: int = 0,
+        mode: str = "static",
+        device: torch.device | str = "cpu",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown decode mode {mode!r}; choose from {MODES}")
+        if max_batch > kv_cache.max_batch:
+            raise ValueError(f"max_batch {max_batch} exceeds the cache's {kv_cache.max_batch} rows")
+        self.device = torch.device(device)
+        if mode == "cuda-graphs" and self.device.type != "cuda":
+            raise ValueError("decode mode 'cuda-graphs' needs a CUDA device")
+        if lora is not None:
+            backends = {layer.backend for layer in lora.layers.values()}
+            if not backends <= {"gather", "triton"}:
+                raise ValueError(
+                    f"a static decode step needs the gather or triton LoRA backend, not {backends}"
+                )
+        self.model, self.kv_cache, self.lora, self.mode = model, kv_cache, lora, mode
+        self.buckets = batch_buckets(max_batch)
+        self.ranks = rank_buckets(max_rank) if lora is not None and max_rank > 0 else [0]
+        # per bucket: [4, b] long = token, position, write column, slot of every row; filled
+        # on the host (pinned on CUDA, so the copy is asynchronous), copied in one transfer
+        self._inputs = {
+            b: torch.zeros(4, b, dtype=torch.long, device=self.device) for b in self.buckets
+        }
+        pin = self.device.type == "cuda"
+        self._host = {b: torch.zeros(4, b, dtype=torch.long, pin_memory=pin) for b in self.buckets}
+        # the rank bucket as a tensor's size (``LoRAContext.set_static``)
+        self._rank_probes = {r: torch.zeros(r, device=self.device) for r in self.ranks}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = None
+        self._blocks = compile_blocks(model) if mode == "inductor" else None
+
+    # ------------------------------------------------------------------ the step
+
+    def bucket(self, n: int) -> int:
+        return _bucket(self.buckets, n)
+
+    def rank_bucket(self, slots: Sequence[int]) -> int:
+        """The smallest rank bucket that holds every adapter the rows use (0: none)."""
+        if self.lora is None:
+            return 0
+        ranks = self.lora.context.slot_rank
+        used = [ranks.get(s, self.ranks[-1]) for s in slots if s]
+        return _bucket(self.ranks, max(used)) if used else 0
+
+    def __call__(
+        self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]
+    ) -> Tensor:
+        """Row ``i`` (KV row ``i``) feeds ``tokens[i]`` at ``positions[i]`` on adapter slot
+        ``slots[i]``; returns the next-token logits ``[n, V]`` (float32)."""
+        n = len(tokens)
+        if not 0 < n == len(positions) == len(slots):
+            raise ValueError("tokens, positions and slots must be equally long and non-empty")
+        b, r = self.bucket(n), self.rank_bucket(slots)
+        pad = b - n
+        host = self._host[b]  # the last step's transfer is done: its logits were read back
+        host.copy_(
+            torch.tensor(
+                [
+                    [*tokens, *[0] * pad],
+                    [*positions, *[0] * pad],
+                    [*positions, *[self.kv_cache.scratch] * pad],
+                    [*slots, *[0] * pad],
+                ],
+                dtype=torch.long,
+            )
+        )
+        if self.mode == "cuda-graphs":
+            graph, logits = self._graph(b, r)
+            self._inputs[b].copy_(host, non_blocking=True)
+            graph.replay()
+            return logits[:n]
+        self._inputs[b].copy_(host, non_blocking=True)
+        return self._forward(b, r, max(positions) + 1)[:n]
+
+    def _forward(self, b: int, r: int, kv_len: int) -> Tensor:
+        """The model on bucket ``b``'s buffers, LoRA at rank ``r``: logits ``[b, V]``."""
+        tokens, positions, write_at, slots = self._inputs[b]
+        if self.lora is not None:
+            self.lora.context.set_static(slots, r, self._rank_probes[r])
+        step = self.kv_cache.step(positions[:, None], None, kv_len, write_at[:, None])
+        return self.model.run(tokens[:, None], positions[:, None], step, blocks=self._blocks)[:, 0]
+
+    # ------------------------------------------------------------------ warm-up and capture
+
+    def _graph(self, b: int, r: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        if (b, r) not in self._graphs:
+            self._graphs[(b, r)] = self._capture(b, r)
+        return self._graphs[(b, r)]
+
+    def _capture(self, b: int, r: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Capture bucket ``b`` at rank ``r`` with the KV window at ``max_seq``. The inputs hold
+        padding while it runs (scratch writes only), whatever the last real step left."""
+        self._fill_padding(b, r)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # allocator, cuBLAS workspaces, Triton autotuning
+            for _ in range(2):
+                self._forward(b, r, self.kv_cache.max_seq)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(b, r, self.kv_cache.max_seq)
+        return graph, logits
+
+    def _fill_padding(self, b: int, r: int) -> None:
+        """Every row of bucket ``b`` padding (scratch writes only); on slot 1 when ``r`` > 0,
+        so the LoRA path runs (whatever slot 1 holds; the logits are dropped)."""
+        inputs = self._inputs[b]
+        inputs.zero_()
+        inputs[2].fill_(self.kv_cache.scratch)
+        if r:
+            inputs[3].fill_(1)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run (compile, capture) every (batch bucket, rank bucket) once; returns seconds."""
+        start = time.perf_counter()
+        for r in self.ranks:
+            for b in self.buckets:
+                if self.mode == "cuda-graphs":
+                    self._graph(b, r)
+                else:
+                    self._fill_padding(b, r)
+                    self._forward(b, r, self.kv_cache.max_seq)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def compile_blocks(model: nn.Module) -> list[Callable]:
+    """Every transformer block of ``model`` compiled by inductor with dynamic shapes; the modules
+    themselves stay as they are (prefill runs them eagerly).
+
+    The blocks share one code object, so one compilation serves all layers (regional
+    compilation: the compile time of one block, not of the whole model). It compiles again for
+    the batch of one (size 1 specialises) and for a step without adapters; the recompile limit
+    is raised to hold them.
+    """
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    # sizes that happen to be equal once (batch 32 and 32 KV rows) must not be assumed equal
+    fx_config.use_duck_shape = False
+    return [torch.compile(block, dynamic=True) for block in model.body[model.spec.names.layers]]

@@ -1,0 +1,99 @@
+"""oneDNN-packed Linear weights: the CPU GEMM of the compiled decode step.
+
+On CPU, PyTorch's ``F.linear`` calls the BLAS sgemm (MKL in the stock wheel), which at decode
+shapes (M = batch, a few dozen rows) runs far from the machine's peak, and further still on AMD
+CPUs. oneDNN's linear on a weight reordered once into its blocked layout runs the same product
+1.5-2.5x faster there (``bench/``; it is what inductor's ``freezing`` does to a model). The
+serving weights are frozen, so the reorder is paid once at start-up.
+
+The packed weight is an opaque oneDNN tensor that ``torch.compile`` cannot trace, so the op
+``loraserve::packed_linear(x, weight, bias)`` takes the ordinary dense weight (shape, dtype and
+identity for the compiler) and looks its packed twin up by storage at run time. ``PackedLinear``
+is an ``nn.Linear`` whose forward calls it: same parameters, same state dict, same module path
+(LoRA wrappers and checkpoints see nothing different). The contract: a packed weight is never
+written in place afterwards (serving weights are frozen; ``pack_linears`` is a serving-time
+step). Cost: the packed copies, one more copy of every Linear weight in host memory.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+# (data_ptr, shape, dtype) of a dense weight -> (the weight, its version, its packed twin)
+_PACKED: dict[tuple[int, tuple[int, ...], torch.dtype], tuple[weakref.ref, int, Tensor]] = {}
+PACK_BATCH_HINT = 32  # the M oneDNN lays the weight out for; any M runs
+
+
+def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Packed linears run here: float32 on a CPU with oneDNN."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def _key(weight: Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
+    return (weight.data_ptr(), tuple(weight.shape), weight.dtype)
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """The packed twin of ``weight``, made on first use, and made again if the weight it was
+    made from is gone (its memory reused by another tensor) or was written since."""
+    key = _key(weight)
+    entry = _PACKED.get(key)
+    if entry is not None:
+        source, version, packed = entry
+        alive = source()
+        if alive is not None and _key(alive) == key and alive._version == version:
+            return packed
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+    _PACKED[key] = (weakref.ref(weight), weight._version, packed)
+    return packed
+
+
+@torch.library.custom_op("loraserve::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` through ``weight``'s oneDNN-packed twin."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` computed through its packed weight (see the module docstring)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias  # the same Parameters, not copies
+        packed_weight(new.weight)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return packed_linear(x, self.weight, self.bias)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every plain ``nn.Linear`` of ``model`` (LoRA wrappers' inner ones included) for a
+    ``PackedLinear`` on the same parameters; returns how many. Call only where ``can_pack``."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedLinear.from_linear(getattr(parent, child)))
+    return len(names)
+
+
+def forget_packed() -> None:
+    """Drop every packed twin (tests; a process serves one model for its life)."""
+    _PACKED.clear()

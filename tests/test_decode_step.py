@@ -1,0 +1,211 @@
+"""The static decode step (``loraserve.adapters.models.decode``) against the eager one.
+
+Greedy tokens must be identical, token for token, whatever the mode: the padded eager step
+(``static``), inductor on CPU, CUDA graphs on a GPU. The workloads go through every batch bucket
+with rows joining and leaving (staggered lengths, more requests than KV rows, so the engine
+moves sequences down to keep rows 0..n-1), mixed adapters of two ranks and base rows (slot 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loraserve.adapters.format import write_adapter
+from loraserve.adapters.models import KVCache, load_model
+from loraserve.adapters.models.decode import DecodeStep, batch_buckets, rank_buckets
+from loraserve.adapters.models.packed import PackedLinear, can_pack, pack_linears
+from loraserve.server.engine import GenerationRequest
+from loraserve.server.runtime import Runtime
+from loraserve.server.sampling import SamplingParams
+
+from tests.checkpoints import make_gpt2, make_llama
+from tests.serving import random_adapter, serving_config
+from tests.test_sync_free import forbid_host_sync
+
+CUDA = torch.cuda.is_available()
+MODES = ["static", "inductor"] + (["cuda-graphs"] if CUDA else [])
+
+
+def test_buckets():
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(1) == [1]
+    assert rank_buckets(64) == [0, 8, 16, 32, 64]
+    assert rank_buckets(12) == [0, 8, 12]
+    assert rank_buckets(4) == [0, 4]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama and adapters of rank 4 and 8 (two rank buckets with --max-lora-rank 8)."""
+    model = make_llama(tmp_path_factory.mktemp("model"))
+    folder = tmp_path_factory.mktemp("adapters")
+    for i in range(4):
+        adapter = random_adapter(model, f"a{i}", seed=60 + i, rank=4 if i % 2 else 8)
+        write_adapter(folder / f"a{i}.safetensors", adapter)
+    return model, folder
+
+
+def workload(adapters: list[str], n: int = 13) -> list[GenerationRequest]:
+    """``n`` greedy requests, lengths staggered so the batch shrinks through every bucket."""
+    return [
+        GenerationRequest(
+            tuple((7 * i + 3 * j + 5) % 60 + 3 for j in range(2 + i % 5)),
+            SamplingParams(max_new_tokens=2 + (5 * i) % 14),
+            adapter=adapters[i % len(adapters)],
+        )
+        for i in range(n)
+    ]
+
+
+def serve(config, requests) -> tuple[list[list[int]], set[int]]:
+    """Greedy tokens of ``requests`` (all submitted at once) and the decode batch sizes seen."""
+    runtime = Runtime(config).start()
+    sizes: set[int] = set()
+    try:
+        decoder = runtime.engine.decoder
+        if decoder is not None:
+            inner = decoder.__call__
+
+            def spy(tokens, positions, slots):
+                sizes.add(len(tokens))
+                return inner(tokens, positions, slots)
+
+            runtime.engine.decoder = spy
+        handles = [runtime.engine.submit(r) for r in requests]
+        return [h.result().token_ids for h in handles], sizes
+    finally:
+        runtime.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_static_step_equals_eager_for_every_bucket(llama, mode):
+    model, folder = llama
+    requests = workload(["a0", "", "a1", "a2", "", "a3"])
+    config = serving_config(model, folder, max_batch_size=8, max_active_adapters=4)
+    eager, _ = serve(config.__class__(**{**config.__dict__, "compile": "off"}), requests)
+    static, sizes = serve(config.__class__(**{**config.__dict__, "compile": mode}), requests)
+    assert static == eager
+    buckets = {next(b for b in batch_buckets(8) if b >= n) for n in sizes}
+    assert buckets == set(batch_buckets(8))  # every bucket ran
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_static_step_on_gpt2_and_the_demo(tmp_path, mode):
+    """Learned positions (GPT-2: padded rows at position 0) and the demo with its adapters."""
+    from loraserve.adapters.demo_paths import demo_adapters_dir
+
+    gpt2 = make_gpt2(tmp_path)
+    (tmp_path / "none").mkdir()
+    cases = [
+        (serving_config(gpt2, tmp_path / "none", max_batch_size=4), [""]),
+        (
+            serving_config("demo", demo_adapters_dir(), max_batch_size=4, max_lora_rank=16),
+            ["upper", "", "reverse", "rot13", "sort"],
+        ),
+    ]
+    for config, adapters in cases:
+        requests = workload(adapters, n=7)
+        eager, _ = serve(config.__class__(**{**config.__dict__, "compile": "off"}), requests)
+        static, _ = serve(config.__class__(**{**config.__dict__, "compile": mode}), requests)
+        assert static == eager, config.model
+
+
+def test_padded_rows_write_only_the_scratch_column(llama):
+    """A step with 3 real rows in bucket 4: the padded row's KV row stays zero at every real
+    position, and the real rows' logits equal the eager forward's."""
+    model_dir, _ = llama
+    loaded = load_model(model_dir)
+    cache = KVCache(loaded.config, 4, 16)
+    step = DecodeStep(loaded.model, cache, None, max_batch=4, mode="static")
+    eager_cache = KVCache(loaded.config, 4, 16)
+    tokens, positions = [5, 9, 11], [0, 0, 0]
+    with torch.inference_mode():
+        logits = step(tokens, positions, [0, 0, 0])
+        want = loaded.model(
+            torch.tensor(tokens)[:, None],
+            torch.tensor(positions)[:, None],
+            kv_cache=eager_cache,
+            logits_at=torch.zeros(3, dtype=torch.long),
+            kv_len=1,
+        )
+    assert torch.allclose(logits, want, atol=1e-5, rtol=1e-5)  # GEMMs of 4 rows vs 3
+    for t in (*cache.k, *cache.v):
+        assert not t[3, :, : cache.max_seq].any()  # padded row: nothing at real positions
+        assert t[3, :, cache.scratch].any()  # ... its k/v went to the scratch column
+        assert t[:3, :, 0].any()
+
+
+def test_the_static_step_never_reads_the_device(llama):
+    """Routing, buffers and the forward of a static step, under the host-sync guard."""
+    model_dir, folder = llama
+    runtime = Runtime(serving_config(model_dir, folder, max_batch_size=4, compile="static"))
+    try:
+        runtime.start()
+        free = [runtime.engine.generate(r).token_ids for r in workload(["a0", "", "a1"], n=3)]
+        decoder = runtime.engine.decoder
+        inner = decoder._forward
+        calls = []
+
+        def guarded(*args):
+            calls.append(args)
+            with forbid_host_sync():
+                return inner(*args)
+
+        decoder._forward = guarded
+        handles = [runtime.engine.submit(r) for r in workload(["a0", "", "a1"], n=3)]
+        assert [h.result().token_ids for h in handles] == free
+        assert len(calls) >= 5
+    finally:
+        runtime.stop()
+
+
+def test_move_row_keeps_what_was_written_and_clears_the_source(llama):
+    model_dir, _ = llama
+    cache = KVCache(load_model(model_dir).config, 3, 8)
+    for t in (*cache.k, *cache.v):
+        t[2, :, :5].normal_()
+    before = [t[2, :, :5].clone() for t in cache.k]
+    cache.move_row(2, 0, 5)
+    assert all(torch.equal(t[0, :, :5], b) for t, b in zip(cache.k, before))
+    assert all(not t[2].any() for t in (*cache.k, *cache.v))
+
+
+@pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="no oneDNN on this CPU build")
+def test_packed_linears_compute_what_the_dense_ones_do(llama):
+    model_dir, _ = llama
+    dense = load_model(model_dir).model
+    packed = load_model(model_dir).model
+    assert pack_linears(packed) == sum(isinstance(m, torch.nn.Linear) for m in dense.modules())
+    assert all(type(m) is not torch.nn.Linear for m in packed.modules())
+    assert isinstance(packed.lm_head, PackedLinear)
+    assert packed.state_dict().keys() == dense.state_dict().keys()  # same checkpoint names
+    ids = torch.randint(0, 100, (3, 7))
+    with torch.inference_mode():
+        assert torch.allclose(packed(ids), dense(ids), atol=1e-5, rtol=1e-4)
+        compiled = torch.compile(packed.lm_head, dynamic=True)
+        x = torch.randn(5, packed.lm_head.in_features)
+        assert torch.allclose(compiled(x), dense.lm_head(x), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # a weight written after packing is packed again, never stale
+        packed.lm_head.weight.mul_(2)
+        assert torch.allclose(packed.lm_head(x), x @ packed.lm_head.weight.T, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["static", "cuda-graphs"])
+def test_a_cuda_step_never_syncs(llama, mode):
+    """torch's sync debug mode turns any host sync in the step (a read-back, a pageable copy)
+    into an error."""
+    model_dir, folder = llama
+    loaded = load_model(model_dir, "cuda")
+    cache = KVCache(loaded.config, 4, 16, "cuda")
+    step = DecodeStep(loaded.model, cache, None, max_batch=4, mode=mode, device="cuda")
+    step.warm_up()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            logits = step([5, 9, 11], [0, 0, 0], [0, 0, 0])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert logits.shape == (3, loaded.config.vocab_size)
