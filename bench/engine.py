@@ -110,8 +110,12 @@ def bandwidth_job(job: dict) -> dict:
 
 def gemm_job(job: dict) -> dict:
     """The compute floor of a decode step of ``job["model"]``: its Linear shapes, timed."""
+    import torch
     from loraserve.adapters.lora import linear_shapes
     from loraserve.adapters.models import build_model, read_config
+    from loraserve.server.resources import available_cpus
+
+    torch.set_num_threads(available_cpus())  # the server's threads
 
     model = build_model(read_config(Path(job["model"])), device="meta")
     shapes: dict[tuple[int, int], int] = {}

@@ -50,6 +50,10 @@ TARGETS = [
 
 
 def real_job(job: dict) -> dict:
+    import torch
+    from loraserve.server.resources import available_cpus
+
+    torch.set_num_threads(available_cpus())  # transformers and PEFT get the server's threads
     method = job["method"]
     distinct = method in ("peft-mixed", "grpc-distinct")
     adapters = tuple(ck.adapter_name(i) for i in range(BATCH)) if distinct else ("",) * BATCH

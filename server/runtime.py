@@ -70,10 +70,16 @@ def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
     """The ``DecodeStep`` mode ``--compile`` means on ``device``; None = the eager step."""
     if config.compile == "off":
         return None
+    static_backend = config.lora_backend in ("gather", "triton")
     if config.compile != "auto":
+        if not static_backend:
+            raise ValueError(
+                f"--compile {config.compile} needs --lora-backend gather or triton, not "
+                f"{config.lora_backend} (it routes on the host, token by token)"
+            )
         return config.compile
-    if config.lora_backend not in ("gather", "triton"):
-        return None  # the loop and segment backends route on the host, token by token
+    if not static_backend:
+        return None
     if device.type == "cuda":
         # not yet run on a GPU by this project: opt-in until it has passed its tests there
         return "cuda-graphs" if os.environ.get("LORASERVE_CUDA_GRAPHS") == "1" else None
@@ -125,6 +131,7 @@ class Runtime:
         on_exiting_thread(lambda: self._build(config))
 
     def _build(self, config: ServerConfig) -> None:
+        self.decode_mode = decode_mode(config, self.device)  # a bad pairing fails before loading
         self.loaded = load_model(model_path(config.model), self.device, self.dtype)
         limit = self.loaded.config.max_position_embeddings
         if config.max_seq_len > limit:
@@ -137,7 +144,6 @@ class Runtime:
         model = self.loaded.model
         self.base_shapes = linear_shapes(model)
         targeted = target_names(model, config.lora_targets)
-        self.decode_mode = decode_mode(config, self.device)
         packed = self.decode_mode == "inductor" and can_pack(self.device, self.dtype)
         self.memory_plan = plan_memory(
             model,

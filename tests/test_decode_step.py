@@ -59,7 +59,11 @@ def workload(adapters: list[str], n: int = 13) -> list[GenerationRequest]:
 
 
 def serve(config, requests) -> tuple[list[list[int]], set[int]]:
-    """Greedy tokens of ``requests`` (all submitted at once) and the decode batch sizes seen."""
+    """Greedy tokens of ``requests`` (all submitted at once) and the decode batch sizes seen.
+    Once the server is up, a compilation is an error: warm-up must have compiled everything
+    (every batch bucket, rank bucket and KV length) before it said SERVING."""
+    import torch._dynamo.config as dynamo_config
+
     runtime = Runtime(config).start()
     sizes: set[int] = set()
     try:
@@ -72,8 +76,9 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
                 return inner(tokens, positions, slots)
 
             runtime.engine.decoder = spy
-        handles = [runtime.engine.submit(r) for r in requests]
-        return [h.result().token_ids for h in handles], sizes
+        with dynamo_config.patch(error_on_recompile=True):
+            handles = [runtime.engine.submit(r) for r in requests]
+            return [h.result().token_ids for h in handles], sizes
     finally:
         runtime.stop()
 

@@ -41,8 +41,10 @@ def poisoned(adapter, value: float):
     return dataclasses.replace(adapter, modules=modules)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["off", "static"])
+def served(tmp_path_factory, request):
+    """A server holding two broken adapters; with the eager decode step and with the static one
+    (padded rows beside the broken ones, sequences moved between rows as others finish)."""
     model = make_llama(tmp_path_factory.mktemp("model"))
     d = tmp_path_factory.mktemp("adapters")
     good = [random_adapter(model, f"good-{i}", seed=300 + i) for i in range(GOOD)]
@@ -50,7 +52,8 @@ def served(tmp_path_factory):
     for a in good + bad:
         write_adapter(d / f"{a.name}.safetensors", a)
     # few KV rows, so rows the broken sequences wrote are handed to good ones again and again
-    server = ServerThread(serving_config(model, d, max_batch_size=6, max_queue=128))
+    config = serving_config(model, d, max_batch_size=6, max_queue=128, compile=request.param)
+    server = ServerThread(config)
     host = server.runtime.host
     for a, value in zip(bad, [float("nan"), 1e30]):
         with host._lock:  # slipped past the file checks: broken weights under a valid version
@@ -108,6 +111,11 @@ def test_broken_adapters_fail_alone_and_leave_nothing_behind(served):
         with ThreadPoolExecutor(12) as pool:
             for key, tokens in pool.map(good, good_jobs):
                 assert tokens == solo[key], key
+    # every row is free again, and zero at every real position (the scratch column excepted)
+    runtime = served.runtime
+    assert runtime.engine.stats()["running"] == 0
+    cache = runtime.kv_cache
+    assert all(not t[:, :, : cache.max_seq].any() for t in (*cache.k, *cache.v))
 
 
 def test_a_row_with_nan_logits_fails_alone_in_the_engine():

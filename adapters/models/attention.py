@@ -140,4 +140,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     k, v = kv.update(k, v)
     k, v = k.to(q.dtype), v.to(q.dtype)
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        return decode_attention(q, k, v, kv.mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask, enable_gqa=True)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One query per row: ``softmax(q k^T / sqrt(D), masked) v`` as two batched products.
+
+    q: [B, H, 1, D]; k, v: [B, Hkv, T, D]; mask: bool [B, 1, 1, T]. The query heads that share
+    a KV head are stacked as rows of one product (head h reads KV head h // (H / Hkv), HF's
+    repeat_kv order), so nothing is repeated in memory. On CPU PyTorch's fused SDPA kernel
+    spends ~1 ms per call on this shape (blocking for long queries); the products take
+    microseconds, and inductor fuses the mask and softmax around them."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (D**-0.5)  # [B, Hkv, G, T]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, H, 1, D)

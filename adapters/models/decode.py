@@ -104,7 +104,8 @@ class DecodeStep:
                 )
         self.model, self.kv_cache, self.lora, self.mode = model, kv_cache, lora, mode
         self.buckets = batch_buckets(max_batch)
-        self.ranks = rank_buckets(max_rank) if lora is not None and max_rank > 0 else [0]
+        has_slots = lora is not None and lora.num_slots > 0
+        self.ranks = rank_buckets(max_rank) if has_slots and max_rank > 0 else [0]
         # per bucket: [4, b] long = token, position, write column, slot of every row; filled
         # on the host (pinned on CUDA, so the copy is asynchronous), copied in one transfer
         self._inputs = {
@@ -112,6 +113,8 @@ class DecodeStep:
         }
         pin = self.device.type == "cuda"
         self._host = {b: torch.zeros(4, b, dtype=torch.long, pin_memory=pin) for b in self.buckets}
+        # CUDA: when each bucket's last host -> device copy was done (its host buffer is free)
+        self._copied: dict[int, torch.cuda.Event] = {}
         # the rank bucket as a tensor's size (``LoRAContext.set_static``)
         self._rank_probes = {r: torch.zeros(r, device=self.device) for r in self.ranks}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -131,6 +134,7 @@ class DecodeStep:
         used = [ranks.get(s, self.ranks[-1]) for s in slots if s]
         return _bucket(self.ranks, max(used)) if used else 0
 
+    @torch.inference_mode()  # what warm_up compiled under: another grad mode would recompile
     def __call__(
         self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]
     ) -> Tensor:
@@ -141,7 +145,9 @@ class DecodeStep:
             raise ValueError("tokens, positions and slots must be equally long and non-empty")
         b, r = self.bucket(n), self.rank_bucket(slots)
         pad = b - n
-        host = self._host[b]  # the last step's transfer is done: its logits were read back
+        host = self._host[b]
+        if b in self._copied:  # never overwrite a pinned buffer a queued copy still reads
+            self._copied[b].synchronize()
         host.copy_(
             torch.tensor(
                 [
@@ -153,12 +159,13 @@ class DecodeStep:
                 dtype=torch.long,
             )
         )
-        if self.mode == "cuda-graphs":
-            graph, logits = self._graph(b, r)
-            self._inputs[b].copy_(host, non_blocking=True)
-            graph.replay()
-            return logits[:n]
+        graph = self._graph(b, r) if self.mode == "cuda-graphs" else None
         self._inputs[b].copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied.setdefault(b, torch.cuda.Event()).record()
+        if graph is not None:
+            graph[0].replay()
+            return graph[1][:n]
         return self._forward(b, r, max(positions) + 1)[:n]
 
     def _forward(self, b: int, r: int, kv_len: int) -> Tensor:
@@ -230,7 +237,13 @@ def compile_blocks(model: nn.Module) -> list[Callable]:
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    # sizes that happen to be equal once (batch 32 and 32 KV rows) must not be assumed equal
-    fx_config.use_duck_shape = False
+    # Process-wide settings (they apply to any other torch.compile of this process):
+    # the recompile limit per code object (its name before torch 2.7: cache_size_limit) ...
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+            break
+    # ... and sizes that happen to be equal once (batch 32, 32 KV rows) are not assumed equal
+    if hasattr(fx_config, "use_duck_shape"):
+        fx_config.use_duck_shape = False
     return [torch.compile(block, dynamic=True) for block in model.body[model.spec.names.layers]]

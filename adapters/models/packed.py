@@ -10,9 +10,11 @@ The packed weight is an opaque oneDNN tensor that ``torch.compile`` cannot trace
 ``loraserve::packed_linear(x, weight, bias)`` takes the ordinary dense weight (shape, dtype and
 identity for the compiler) and looks its packed twin up by storage at run time. ``PackedLinear``
 is an ``nn.Linear`` whose forward calls it: same parameters, same state dict, same module path
-(LoRA wrappers and checkpoints see nothing different). The contract: a packed weight is never
-written in place afterwards (serving weights are frozen; ``pack_linears`` is a serving-time
-step). Cost: the packed copies, one more copy of every Linear weight in host memory.
+(LoRA wrappers and checkpoints see nothing different). The contract: a packed weight is not
+written afterwards (serving weights are frozen; ``pack_linears`` is a serving-time step). An
+in-place write through the tensor bumps its version and the twin is packed again; a write
+through ``.data`` is invisible to that check. Cost: the packed copies, one more copy of every
+Linear weight in host memory.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-# (data_ptr, shape, dtype) of a dense weight -> (the weight, its version, its packed twin)
-_PACKED: dict[tuple[int, tuple[int, ...], torch.dtype], tuple[weakref.ref, int, Tensor]] = {}
+# (data_ptr, shape, stride, dtype) of a dense weight -> (the weight, its version, its packed
+# twin); an entry goes when its weight is freed
+_PACKED: dict[tuple, tuple[weakref.ref, int, Tensor]] = {}
 PACK_BATCH_HINT = 32  # the M oneDNN lays the weight out for; any M runs
 
 
@@ -37,8 +40,8 @@ def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
     )
 
 
-def _key(weight: Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
-    return (weight.data_ptr(), tuple(weight.shape), weight.dtype)
+def _key(weight: Tensor) -> tuple:
+    return (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
 
 
 def packed_weight(weight: Tensor) -> Tensor:
@@ -52,8 +55,15 @@ def packed_weight(weight: Tensor) -> Tensor:
         if alive is not None and _key(alive) == key and alive._version == version:
             return packed
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
-    _PACKED[key] = (weakref.ref(weight), weight._version, packed)
+    _PACKED[key] = (weakref.ref(weight, lambda ref: _forget(key, ref)), weight._version, packed)
     return packed
+
+
+def _forget(key: tuple, ref: weakref.ref) -> None:
+    """A packed weight's source was freed: drop its twin (unless the key was reused since)."""
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0] is ref:
+        del _PACKED[key]
 
 
 @torch.library.custom_op("loraserve::packed_linear", mutates_args=())
