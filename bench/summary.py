@@ -92,6 +92,27 @@ def render(results: Path = RESULTS) -> str:
                 f"{_r(b['distinct/base'])} | {_r(b.get('distinct-r64/base'))} | "
                 f"{_r(b['distinct step / floor step'])}x |"
             )
+    compiled = [r for r in engines if len(r["settings"].get("variants", [])) > 1]
+    if compiled:
+        lines += [
+            "",
+            "The static, compiled decode step (`--compile auto`, the default) against the eager "
+            "one (`--compile off`), same run: tok/s ratio, and (a)'s decode step / its compute "
+            "floor (every Linear as one GEMM at this machine's best rate) for each.",
+            "",
+            "| machine | hidden | (a) | (b) | (c) | (a) step / compute floor, eager -> compiled |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for report in compiled:
+            first, last = report["settings"]["variants"][0], report["settings"]["variants"][-1]
+            for size, s in report["summary"].items():
+                v, e = s["variants"][last], s["variants"][first]
+                vs = v["tok/s vs first variant"]
+                lines.append(
+                    f"| {_machine(report)} | {size} | {_x(vs['base'])} | {_x(vs['one'])} | "
+                    f"{_x(vs['distinct'])} | {_r(e['base step / compute floor'])} -> "
+                    f"{_r(v['base step / compute floor'])} |"
+                )
     if peers:
         lines += [
             "",

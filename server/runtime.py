@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -83,7 +84,20 @@ def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
     if device.type == "cuda":
         # not yet run on a GPU by this project: opt-in until it has passed its tests there
         return "cuda-graphs" if os.environ.get("LORASERVE_CUDA_GRAPHS") == "1" else None
-    return "inductor" if device.type == "cpu" else None
+    if device.type != "cpu":
+        return None
+    if not cxx_compiler():
+        log.info("no C++ compiler (g++, c++ or clang++; $CXX): the eager decode step")
+        return None
+    return "inductor"
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with, if this machine has one."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
 
 
 def model_path(model: str) -> Path:
@@ -243,7 +257,13 @@ class Runtime:
             decoder.buckets,
             decoder.ranks,
         )
-        seconds = decoder.warm_up()
+        try:
+            seconds = decoder.warm_up()
+        except Exception:  # a compiler that fails here must not keep the server from serving
+            if config.compile != "auto":
+                raise  # asked for by name: say so
+            log.exception("decode step %s failed to warm up; using the eager step", decoder.mode)
+            return None
         log.info("decode step %s warm-up took %.1f s", self.decode_mode, seconds)
         return decoder
 

@@ -214,3 +214,42 @@ def test_a_cuda_step_never_syncs(llama, mode):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert logits.shape == (3, loaded.config.vocab_size)
+
+
+def test_compile_auto_picks_a_mode_that_can_run(monkeypatch):
+    from loraserve.server import runtime
+    from loraserve.server.config import ServerConfig
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.decode_mode(ServerConfig(compile="off"), cpu) is None
+    assert runtime.decode_mode(ServerConfig(), cpu) == "inductor"
+    assert runtime.decode_mode(ServerConfig(lora_backend="segment"), cpu) is None
+    monkeypatch.delenv("LORASERVE_CUDA_GRAPHS", raising=False)
+    assert runtime.decode_mode(ServerConfig(), cuda) is None  # until it has run on a GPU
+    monkeypatch.setenv("LORASERVE_CUDA_GRAPHS", "1")
+    assert runtime.decode_mode(ServerConfig(), cuda) == "cuda-graphs"
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)  # no C++ compiler
+    assert runtime.decode_mode(ServerConfig(), cpu) is None
+    assert runtime.decode_mode(ServerConfig(compile="static"), cpu) == "static"
+    with pytest.raises(ValueError, match="needs --lora-backend gather or triton"):
+        runtime.decode_mode(ServerConfig(compile="inductor", lora_backend="loop"), cpu)
+
+
+def test_a_failed_warm_up_falls_back_to_the_eager_step(llama, monkeypatch, caplog):
+    """--compile auto: a compiler that fails at start-up costs speed, never the server."""
+    model_dir, folder = llama
+
+    def broken(self):
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(DecodeStep, "warm_up", broken)
+    runtime = Runtime(serving_config(model_dir, folder, compile="auto")).start()
+    try:
+        assert runtime.decoder is None and runtime.engine.decoder is None
+        assert "failed to warm up; using the eager step" in caplog.text
+        request = GenerationRequest((5, 6, 7), SamplingParams(max_new_tokens=3), adapter="a0")
+        assert runtime.engine.generate(request).completion_tokens == 3
+    finally:
+        runtime.stop()
+    with pytest.raises(RuntimeError, match="no working C"):  # asked for by name: it fails
+        Runtime(serving_config(model_dir, folder, compile="static"))
