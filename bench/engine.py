@@ -35,14 +35,21 @@ Writes ``engine-<device>.json`` and ``engine-<device>.md`` under ``--out`` (benc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from bench import checkpoints as ck
-from bench.harness import Workload, run_engine, run_worker, server_config, worker_main
+from bench.harness import (
+    Workload,
+    report_stem,
+    run_engine,
+    run_worker,
+    server_config,
+    worker_main,
+    write_report,
+)
 from bench.machine import describe, gemm_floor, memory_bandwidth, wait_until_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -418,13 +425,7 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    device = report["machine"]["device"].split(":")[0]
-    stem = f"engine-{device}" + ("-quick" if report["settings"]["quick"] else "")
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown(report))
-    return json_path, md_path
+    return write_report(out, report_stem("engine", report), report, markdown(report))
 
 
 def main(argv: list[str] | None = None) -> None:

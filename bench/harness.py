@@ -94,6 +94,39 @@ def server_config(
     )
 
 
+def report_stem(suite: str, report: dict) -> str:
+    """``<suite>-<device>[-quick]``: the file name of a suite's results, without extension."""
+    device = report["machine"]["device"].split(":")[0]
+    return f"{suite}-{device}" + ("-quick" if report["settings"].get("quick") else "")
+
+
+def write_report(out: Path, stem: str, report: dict, markdown: str) -> tuple[Path, Path]:
+    """``<stem>.json`` (the report) and ``<stem>.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def greedy_generate(model, ids, new_tokens: int, **kwargs) -> list[list[int]]:
+    """transformers' ``generate`` of exactly ``new_tokens`` greedy tokens for each row of
+    ``ids`` (equal-length prompts, no padding); the new tokens only."""
+    import torch
+
+    with torch.inference_mode():
+        seqs = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return seqs[:, ids.shape[1] :].tolist()
+
+
 def prompts(n: int, length: int, vocab: int) -> list[tuple[int, ...]]:
     """``n`` different deterministic prompts of ``length`` token ids."""
     return [tuple((7919 * i + 104729 * j + 13) % vocab for j in range(length)) for i in range(n)]

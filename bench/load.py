@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import functools
 import itertools
-import json
 import os
 import random
 import shutil
@@ -55,7 +54,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench import checkpoints as ck
-from bench.harness import REPO, prompts
+from bench.harness import REPO, prompts, report_stem, write_report
 from bench.machine import describe, wait_until_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -785,12 +784,9 @@ def plot(report: dict, out: Path, stem: str) -> list[Path]:
 
 def write(report: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    device = report["machine"]["device"].split(":")[0]
-    stem = f"load-{device}" + ("-quick" if report["settings"]["quick"] else "")
+    stem = report_stem("load", report)
     plots = plot(report, out, stem)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report, plots))
-    return [out / f"{stem}.json", out / f"{stem}.md", *plots]
+    return [*write_report(out, stem, report, markdown(report, plots)), *plots]
 
 
 def main(argv: list[str] | None = None) -> None:

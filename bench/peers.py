@@ -35,13 +35,16 @@ from bench import checkpoints as ck
 from bench.harness import (
     StepLog,
     Workload,
+    greedy_generate,
     prompts,
+    report_stem,
     run_engine,
     run_grpc,
     run_worker,
     server_config,
     timed_reps,
     worker_main,
+    write_report,
 )
 from bench.machine import describe, memory_bandwidth, wait_until_quiet
 
@@ -207,19 +210,8 @@ def run_peft(job: dict, folder: Path, work: Workload, batch: int, mixed: bool) -
     ps = torch.tensor(prompts(len(work.adapters), work.prompt_len, job["vocab"]), device=device)
 
     def generate(rows: list[int], new_tokens: int, adapter_names=None) -> list[list[int]]:
-        ids = ps[rows]
         kwargs = {} if adapter_names is None else {"adapter_names": adapter_names}
-        with torch.inference_mode():
-            seqs = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                **kwargs,
-            )
-        return seqs[:, work.prompt_len :].tolist()
+        return greedy_generate(model, ps[rows], new_tokens, **kwargs)
 
     def submit_all(new_tokens: int) -> list[list[int]]:
         out: dict[int, list[int]] = {}
@@ -600,15 +592,12 @@ def plot(report: dict, out: Path, stem: str) -> list[Path]:
 
 def write(report: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    device = report["machine"]["device"].split(":")[0]
-    stem = f"peers-{device}" + ("-quick" if report["settings"]["quick"] else "")
+    stem = report_stem("peers", report)
     plots = plot(report, out, stem)
     slim = json.loads(json.dumps(report))
     for p in slim["points"]:
         p.pop("outputs", None)  # token ids: used for the parity column, not worth keeping
-    (out / f"{stem}.json").write_text(json.dumps(slim, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report, plots))
-    return [out / f"{stem}.json", out / f"{stem}.md", *plots]
+    return [*write_report(out, stem, slim, markdown(report, plots)), *plots]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,6 @@ Ratios (the issue's targets): grpc-distinct / grpc-base >= 0.92, grpc-distinct /
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,12 +27,15 @@ from bench import checkpoints as ck
 from bench.harness import (
     StepLog,
     Workload,
+    greedy_generate,
     prompts,
+    report_stem,
     run_grpc,
     run_worker,
     server_config,
     timed_reps,
     worker_main,
+    write_report,
 )
 from bench.machine import describe
 from bench.peers import run_peft
@@ -95,19 +97,7 @@ def run_hf(job: dict, work: Workload) -> dict:
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).to(device).eval()
     ps = torch.tensor(prompts(len(work.adapters), work.prompt_len, SPEC.vocab), device=device)
 
-    def submit_all(new_tokens: int) -> list[list[int]]:
-        with torch.inference_mode():
-            seqs = model.generate(
-                input_ids=ps,
-                attention_mask=torch.ones_like(ps),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return seqs[:, work.prompt_len :].tolist()
-
-    return timed_reps(work, submit_all, StepLog())
+    return timed_reps(work, lambda new_tokens: greedy_generate(model, ps, new_tokens), StepLog())
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -224,12 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write(report: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"real-{report['machine']['device'].split(':')[0]}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown(report))
-    return json_path, md_path
+    return write_report(out, report_stem("real", report), report, markdown(report))
 
 
 if __name__ == "__main__":

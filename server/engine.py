@@ -540,18 +540,15 @@ class Engine:
             for s in seqs:
                 s.kv_written = width  # pads write k/v too
             kv_len = width
-        elif self.decoder is not None and [s.row for s in seqs] == list(range(len(seqs))):
+        else:
             for s in seqs:
                 s.kv_written = max(s.kv_written, s.position + 1)
-            return self.decoder(
-                [s.last_token for s in seqs], [s.position for s in seqs], [s.slot for s in seqs]
-            )
-        else:
+            if self.decoder is not None:  # decoding rows are 0..n-1: see _compact
+                tokens, positions = [s.last_token for s in seqs], [s.position for s in seqs]
+                return self.decoder(tokens, positions, [s.slot for s in seqs])
             ids = torch.tensor([[s.last_token] for s in seqs])
             positions = torch.tensor([[s.position] for s in seqs])
             last = torch.zeros(len(seqs), dtype=torch.long)
-            for s in seqs:
-                s.kv_written = max(s.kv_written, s.position + 1)
             kv_len = max(s.position for s in seqs) + 1
         row_ids = [s.row for s in seqs]
         rows = None if row_ids == list(range(len(seqs))) else torch.tensor(row_ids)

@@ -49,6 +49,7 @@ per segment block), the others ignore it. ``Segments`` must describe the same ro
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,7 @@ class Segments:
         )
 
 
-class LoRAKernels:
+class LoRAKernels(ABC):
     """Shrink and expand over slot tables; see the module docstring for the semantics.
 
     The public ops group the tables and check the shapes once for every implementation, which
@@ -128,11 +129,13 @@ class LoRAKernels:
         check_expand(h, Bs, token_slots, rank, ys)
         self._expand(h, Bs, token_slots, rank, ys, segments)
 
+    @abstractmethod
     def _shrink(self, x, As, token_slots, rank, segments) -> Tensor:
-        raise NotImplementedError
+        """``h [T, len(As) * rank]`` float32 for grouped, checked arguments."""
 
+    @abstractmethod
     def _expand(self, h, Bs, token_slots, rank, ys, segments) -> None:
-        raise NotImplementedError
+        """Add each group member's ``h`` slice times its ``B`` into its output, in place."""
 
 
 def make_kernels(name: str, device: torch.device | str | None = None) -> LoRAKernels:
