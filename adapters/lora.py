@@ -35,7 +35,7 @@ import functools
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import regex
 import torch
@@ -383,6 +383,9 @@ class LoRAContext:
         self.rank = 0  # the largest adapter rank among this forward's slots
         self.slot_rank: dict[int, int] = {}  # filled slot -> its adapter's rank
         self.rank_probe: Tensor | None = None  # static steps: the rank as a tensor's size
+        # one-token rows through a native op (``kernels.cpu.lora_rows``) instead of gather +
+        # bmm; set by the runtime at start-up when it is available (CPU, float32)
+        self.row_op: Callable[..., Tensor] | None = None
 
     def set_rows(
         self, row_slots: Sequence[int], seq_len: int, device: torch.device | str = "cpu"
@@ -600,7 +603,11 @@ class BatchedLoRALinear(nn.Module):
         if rows is not None and x.dim() == 3 and x.shape[0] == rows.shape[0]:
             # read only the ranks in use, not max_rank of zero padding
             probe = self.context.rank_probe
-            r = self.context.rank if probe is None else probe.shape[0]
+            r = min(self.context.rank, self.max_rank) if probe is None else probe.shape[0]
+            op = self.context.row_op
+            if op is not None and x.shape[1] == 1 and x.dtype == torch.float32:
+                # one token per row (decode): the tables read in place, no gathered copies
+                return op(x[:, 0], y[:, 0], self.A, self.B, rows, r)[:, None]
             h = torch.bmm(x, self.A[:, :r].index_select(0, rows).transpose(1, 2))  # [B, S, r]
             return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
         return self._flat(x, y, self._per_token)

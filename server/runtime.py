@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from loraserve.adapters.demo_paths import demo_adapters_dir, demo_base_dir
 from loraserve.adapters.format import Adapter, WeightsOutOfRange, validate_adapter
+from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.decode import DecodeStep
@@ -86,18 +87,10 @@ def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
         return "cuda-graphs" if os.environ.get("LORASERVE_CUDA_GRAPHS") == "1" else None
     if device.type != "cpu":
         return None
-    if not cxx_compiler():
+    if not cpu_kernels.cxx_compiler():
         log.info("no C++ compiler (g++, c++ or clang++; $CXX): the eager decode step")
         return None
     return "inductor"
-
-
-def cxx_compiler() -> str | None:
-    """The C++ compiler inductor would build CPU kernels with, if this machine has one."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
 
 
 def model_path(model: str) -> Path:
@@ -251,6 +244,7 @@ class Runtime:
             mode=self.decode_mode,
             device=self.device,
         )
+        self._use_row_op(config)
         log.info(
             "decode step %s: warming up batch buckets %s x rank buckets %s",
             self.decode_mode,
@@ -263,9 +257,25 @@ class Runtime:
             if config.compile != "auto":
                 raise  # asked for by name: say so
             log.exception("decode step %s failed to warm up; using the eager step", decoder.mode)
+            self.table.context.row_op = None
             return None
         log.info("decode step %s warm-up took %.1f s", self.decode_mode, seconds)
         return decoder
+
+    def _use_row_op(self, config: ServerConfig) -> None:
+        """A static step on CPU in float32 with the gather backend computes its LoRA rows with
+        the native op (``kernels.cpu``), built here the first time; without it, gather + bmm."""
+        if not (
+            self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and config.lora_backend == "gather"
+            and self.table.num_slots > 0
+        ):
+            return
+        start = time.perf_counter()
+        if cpu_kernels.available():
+            self.table.context.row_op = cpu_kernels.lora_rows
+            log.info("CPU LoRA op ready in %.1f s", time.perf_counter() - start)
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 from loraserve.adapters.format import write_adapter
+from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.decode import DecodeStep, batch_buckets, rank_buckets
 from loraserve.adapters.models.packed import PackedLinear, can_pack, pack_linears
@@ -71,6 +72,9 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
     sizes: set[int] = set()
     try:
         decoder = runtime.engine.decoder
+        if decoder is not None and decoder.device.type == "cpu" and runtime.table.num_slots:
+            # the static step on CPU computes its LoRA rows with the native op (where it builds)
+            assert (runtime.table.context.row_op is not None) == cpu_kernels.available()
         if decoder is not None:
             inner = decoder.__call__
 
@@ -235,7 +239,7 @@ def test_compile_auto_picks_a_mode_that_can_run(monkeypatch):
     assert runtime.decode_mode(ServerConfig(), cuda) is None  # until it has run on a GPU
     monkeypatch.setenv("LORASERVE_CUDA_GRAPHS", "1")
     assert runtime.decode_mode(ServerConfig(), cuda) == "cuda-graphs"
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)  # no C++ compiler
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)  # no C++ compiler
     assert runtime.decode_mode(ServerConfig(), cpu) is None
     assert runtime.decode_mode(ServerConfig(compile="static"), cpu) == "static"
     with pytest.raises(ValueError, match="needs --lora-backend gather or triton"):

@@ -1,0 +1,185 @@
+"""A native CPU op for the LoRA delta of a decode step: ``torch.ops.loraserve_cpu.lora_rows``.
+
+On CPU, a decode step's LoRA path is bound by the bytes of the adapters it reads: with 32
+distinct adapters, each row streams its own ``A[s, :r]`` and ``B[s, :r]`` once. The gather
+path (``index_select`` then ``bmm``) writes every gathered block out and reads it again, and
+inductor's fused loop over the gather does no better (both ~1.7x the byte floor at hidden 512).
+``csrc/lora_rows.cpp`` reads the tables in place, one row per sequence, split over torch's
+threads, with vectorised inner loops: at the byte floor within noise (``bench/engine.py``).
+
+Semantics (those of ``BatchedLoRALinear`` for rows on one slot each)::
+
+    lora_rows(x [n, in], y [n, out], A [S, R, in], B [S, R, out], slots [n], r)
+        -> y + (x[b] @ A[slots[b], :r].T) @ B[slots[b], :r]  for every row b (slot 0: y[b])
+
+The op is compiled from source the first time a server asks for it (about 20 s with g++; the
+same compiler inductor needs) into a per-user cache keyed by the source, torch's version, the
+compiler and this CPU's flags, then loaded with ``torch.ops.load_library``. It is registered
+with a fake (meta) implementation, so compiled blocks call it as an opaque kernel.
+``load()`` raises ``KernelUnavailable`` when it cannot be built here: callers fall back to
+the gather path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import KernelUnavailable
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "lora_rows.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w"]
+BUILD_TIMEOUT_S = 300
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where built ops are kept: ``$LORASERVE_KERNEL_CACHE``, else under the user's cache."""
+    override = os.environ.get("LORASERVE_KERNEL_CACHE")
+    if override:
+        return Path(override)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "loraserve" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_version(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.splitlines()[0] if out.stdout else ""
+
+
+def library_path(cxx: str) -> Path:
+    """The built library for this source, torch, compiler and CPU (``-march=native``)."""
+    key = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(),
+        torch.__version__.encode(),
+        _compiler_version(cxx).encode(),
+        " ".join(FLAGS).encode(),
+        _cpu_flags().encode(),
+    ):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"lora_rows-{key.hexdigest()[:20]}.so"
+
+
+def build(cxx: str, target: Path) -> None:
+    """Compile ``SOURCE`` into ``target`` (written to a temporary file, renamed when done, so
+    concurrent builders and a killed build never leave a half-written library behind)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    torch_lib = library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [
+        cxx,
+        *FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *[f"-I{p}" for p in include_paths()],
+        str(SOURCE),
+        "-o",
+        tmp,
+        f"-L{torch_lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{torch_lib}",
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise KernelUnavailable(
+                f"building the CPU LoRA op failed ({cxx} exit {done.returncode}): "
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        os.replace(tmp, target)
+    except subprocess.TimeoutExpired as e:
+        raise KernelUnavailable(f"building the CPU LoRA op took over {BUILD_TIMEOUT_S} s") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with (and this op), if there is one."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+_loaded: bool | KernelUnavailable = False  # True, or the reason it cannot be loaded
+
+
+def load() -> None:
+    """Build (once per cache) and register ``torch.ops.loraserve_cpu.lora_rows``.
+
+    Raises ``KernelUnavailable`` when there is no C++ compiler or the build fails; the outcome
+    is kept for the process, so a failed build is not retried."""
+    global _loaded
+    with _lock:
+        if _loaded is False:
+            try:
+                _build_and_register()
+                _loaded = True
+            except KernelUnavailable as e:
+                _loaded = e
+        if _loaded is not True:
+            raise _loaded
+
+
+def _build_and_register() -> None:
+    cxx = cxx_compiler()
+    if cxx is None:
+        raise KernelUnavailable("the CPU LoRA op needs a C++ compiler (g++, c++ or clang++)")
+    target = library_path(cxx)
+    if not target.exists():
+        log.info("building the CPU LoRA op into %s (once per machine and torch version)", target)
+        build(cxx, target)
+    try:
+        torch.ops.load_library(str(target))
+    except OSError as e:
+        raise KernelUnavailable(f"loading the CPU LoRA op {target} failed: {e}") from e
+    torch.library.register_fake("loraserve_cpu::lora_rows")(_fake)
+
+
+def _fake(x: Tensor, y: Tensor, A: Tensor, B: Tensor, slots: Tensor, r) -> Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def available() -> bool:
+    """Can the op be built and loaded here? (Builds it the first time.)"""
+    try:
+        load()
+    except KernelUnavailable as e:
+        log.info("CPU LoRA op unavailable: %s", e)
+        return False
+    return True
+
+
+def lora_rows(x: Tensor, y: Tensor, A: Tensor, B: Tensor, slots: Tensor, rank) -> Tensor:
+    """``y + (x[b] @ A[slots[b], :rank].T) @ B[slots[b], :rank]`` for each row ``b`` of
+    ``x [n, in]`` / ``y [n, out]`` (float32, CPU); ``load()`` must have succeeded."""
+    return torch.ops.loraserve_cpu.lora_rows(x, y, A, B, slots, rank)

@@ -1,0 +1,114 @@
+"""The native CPU op for decode rows (``loraserve.adapters.kernels.cpu``) against the layer's
+reference loop, and its place in the server: built once, used by the static step, compiled
+blocks call it without recompiling, and a machine that cannot build it serves without it.
+"""
+
+import os
+
+import pytest
+import torch
+from loraserve.adapters.kernels import KernelUnavailable
+from loraserve.adapters.kernels import cpu as cpu_kernels
+from loraserve.adapters.lora import BatchedLoRALinear, LoRAContext
+
+# `make test` runs on a machine with g++ (inductor needs it too): under CI a missing op fails.
+if not cpu_kernels.available():
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("the CPU LoRA op could not be built (see the log)")
+    pytest.skip("no C++ compiler to build the CPU LoRA op", allow_module_level=True)
+
+IN, OUT, R_MAX, SLOTS = 72, 40, 16, 5  # not multiples of any vector width
+
+
+def table(rank: int, seed: int = 0) -> BatchedLoRALinear:
+    """A layer whose slots hold rank-``rank`` adapters and junk past ``rank`` (so reading past
+    the rank in use shows)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = BatchedLoRALinear(torch.nn.Linear(IN, OUT), SLOTS, R_MAX, LoRAContext(), "loop")
+    with torch.no_grad():
+        for s in range(1, SLOTS + 1):
+            layer.set_slot(s, torch.randn(IN, rank, generator=g), torch.randn(rank, OUT), 0.5)
+            layer.A[s, rank:] = 1e6
+            layer.B[s, rank:] = 1e6
+    return layer
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[0, 2, 1, 2, 0, 5, 3], [3, 3, 3, 3], [5, 4, 3, 2, 1, 0, 0], [0, 0, 0], [2]],
+    ids=["mixed", "one_adapter", "distinct_padded", "all_base", "one_row"],
+)
+def test_lora_rows_matches_the_reference_loop(slots):
+    rank = 6
+    layer = table(rank)
+    x = torch.randn(len(slots), IN)
+    y = torch.randn(len(slots), OUT)
+    rows = torch.tensor(slots)
+    got = cpu_kernels.lora_rows(x, y, layer.A, layer.B, rows, rank)
+    want = y.clone()
+    for b, s in enumerate(slots):
+        want[b] += (x[b] @ layer.A[s, :rank].T) @ layer.B[s, :rank]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    for b, s in enumerate(slots):
+        if s == 0:
+            assert torch.equal(got[b], y[b])  # slot-0 rows: exactly the base output
+    assert torch.equal(cpu_kernels.lora_rows(x, y, layer.A, layer.B, rows, 0), y)
+
+
+def test_lora_rows_refuses_what_it_cannot_read():
+    layer = table(4)
+    x, y = torch.randn(2, IN), torch.randn(2, OUT)
+    with pytest.raises(RuntimeError, match="slot 9 outside"):
+        cpu_kernels.lora_rows(x, y, layer.A, layer.B, torch.tensor([1, 9]), 4)
+    with pytest.raises(RuntimeError, match="rank outside"):
+        cpu_kernels.lora_rows(x, y, layer.A, layer.B, torch.tensor([1, 2]), R_MAX + 1)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        cpu_kernels.lora_rows(x.half(), y.half(), layer.A, layer.B, torch.tensor([1, 2]), 4)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        cpu_kernels.lora_rows(torch.randn(2, IN + 1), y, layer.A, layer.B, torch.tensor([1, 2]), 4)
+
+
+def test_the_gather_layer_takes_the_op_for_one_token_rows():
+    """The layer with ``row_op`` set equals the gather path (decode rows, and a static step's
+    routing with the rank as a probe's size); rows of several tokens keep gather + bmm."""
+    layer = table(8, seed=1)
+    layer.backend, layer._forward_delta = "gather", layer._delta_gather
+    ctx = layer.context
+    ctx.slot_rank = {s: 8 for s in range(1, SLOTS + 1)}  # what LoRASlotTable.fill records
+    x1 = torch.randn(4, 1, IN)
+    ctx.set_rows([1, 0, 4, 2], 1)
+    want = layer(x1)
+    calls = []
+    ctx.row_op = lambda *a: calls.append(1) or cpu_kernels.lora_rows(*a)
+    torch.testing.assert_close(layer(x1), want, atol=1e-4, rtol=1e-5)
+    ctx.set_static(torch.tensor([1, 0, 4, 2]), 8, torch.zeros(8))
+    torch.testing.assert_close(layer(x1), want, atol=1e-4, rtol=1e-5)
+    assert len(calls) == 2
+    ctx.set_rows([1, 3], 3)
+    layer(torch.randn(2, 3, IN))  # prefill rows: not the op
+    assert len(calls) == 2
+
+
+def test_a_machine_that_cannot_build_it_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    with pytest.raises(KernelUnavailable, match="needs a C\\+\\+ compiler"):
+        cpu_kernels.load()
+    assert not cpu_kernels.available()  # the failure is kept: no second attempt
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    # a compiler that fails (the process has the op loaded already: a build that succeeded
+    # here would load a second copy, which torch refuses by aborting)
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: name == "/bin/false" or None)
+    monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(KernelUnavailable, match="building the CPU LoRA op failed"):
+        cpu_kernels.load()
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+def test_the_library_is_cached_by_source_torch_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path))
+    path = cpu_kernels.library_path(cpu_kernels.cxx_compiler())
+    assert path.parent == tmp_path and path.name.startswith("lora_rows-")
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : another cpu")
+    assert cpu_kernels.library_path(cpu_kernels.cxx_compiler()) != path
