@@ -79,6 +79,15 @@ def build_tokenizer() -> tokenizers.Tokenizer:
     return tok
 
 
+# The demo has no conversations: a chat is its last user message as a prompt, "<bos>word=",
+# so `loraserve chat --adapter upper hello` (or /v1/chat/completions) answers "HELLO".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' and loop.last %}"
+    "{{ message['content'] | trim }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}={% endif %}"
+)
+
+
 def write_tokenizer(folder: Path, max_len: int) -> Tokenizer:
     """tokenizer.json + tokenizer_config.json (what transformers' AutoTokenizer reads too)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,6 +100,7 @@ def write_tokenizer(folder: Path, max_len: int) -> Tokenizer:
         "unk_token": PAD,
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     _write_json(folder / "tokenizer_config.json", config)
     return Tokenizer(folder)

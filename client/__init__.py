@@ -25,6 +25,7 @@ from loraserve.client.types import (
     Completion,
     FinishReason,
     SamplingParams,
+    Score,
     ServerInfo,
     StreamChunk,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "LoraServeError",
     "OverloadedError",
     "SamplingParams",
+    "Score",
     "ServerInfo",
     "StreamChunk",
     "UnavailableError",

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=run_generate)
     stream = commands.add_parser("stream", parents=[sampling], help="stream a completion")
     stream.set_defaults(run=run_stream)
+    chat = commands.add_parser(
+        "chat",
+        parents=[sampling],
+        help="answer PROMPT as a user message, with the model's chat template",
+    )
+    chat.add_argument("--system", metavar="TEXT", help="a system message first")
+    chat.add_argument("--stream", action="store_true", help="print the answer as it comes")
+    chat.set_defaults(run=run_chat)
     adapters = commands.add_parser("adapters", help="list deployed adapters")
     adapters.set_defaults(run=run_adapters)
     info = commands.add_parser("info", help="show the server's model, device and limits")
@@ -160,7 +168,11 @@ def run_generate(client: LoraClient, args: argparse.Namespace) -> None:
 
 
 def run_stream(client: LoraClient, args: argparse.Namespace) -> None:
-    chunks = client.stream(**generate_kwargs(args))
+    print_chunks(client.stream(**generate_kwargs(args)), args)
+
+
+def print_chunks(chunks, args: argparse.Namespace) -> None:
+    """Print a stream as it comes (or one JSON object per chunk)."""
     try:
         for chunk in chunks:
             if args.json:
@@ -171,6 +183,18 @@ def run_stream(client: LoraClient, args: argparse.Namespace) -> None:
         chunks.close()  # Ctrl-C or a closed pipe mid-stream: cancel the RPC
     if not args.json:
         print()
+
+
+def run_chat(client: LoraClient, args: argparse.Namespace) -> None:
+    kwargs = generate_kwargs(args)
+    messages = [{"role": "user", "content": kwargs.pop("prompt")}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    if not args.stream:
+        completion = client.chat(messages, **kwargs)
+        print_json(dataclasses.asdict(completion)) if args.json else print(completion.text)
+        return
+    print_chunks(client.chat_stream(messages, **kwargs), args)
 
 
 def run_adapters(client: LoraClient, args: argparse.Namespace) -> None:

@@ -42,7 +42,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraserve.client.errors import UnavailableError, error_from_rpc, status_code_of
-from loraserve.client.types import AdapterInfo, Completion, SamplingParams, ServerInfo, StreamChunk
+from loraserve.client.types import (
+    AdapterInfo,
+    Completion,
+    SamplingParams,
+    Score,
+    ServerInfo,
+    StreamChunk,
+)
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 
@@ -74,6 +81,22 @@ def generate_request(
         prompt_token_ids=token_ids,
         params=params.to_pb(),
         request_id=request_id,
+    )
+
+
+def chat_request(
+    messages: Sequence[dict[str, str]],
+    adapter: str,
+    params: SamplingParams,
+    request_id: str,
+    add_generation_prompt: bool,
+) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        adapter=adapter,
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        params=params.to_pb(),
+        request_id=request_id,
+        add_generation_prompt=add_generation_prompt,
     )
 
 
@@ -187,6 +210,80 @@ class Calls:
         return Call("GenerateStream", request, metadata, StreamChunk.from_pb, timeout)
 
     @staticmethod
+    def chat(
+        messages: Sequence[dict[str, str]],
+        adapter: str = "",
+        *,
+        add_generation_prompt: bool = True,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Completion:
+        """Answer a conversation (``[{"role": "user", "content": "..."}]``), rendered with the
+        adapter's chat template (or the base model's) on the server."""
+        request = chat_request(
+            messages,
+            adapter,
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop),
+            request_id,
+            add_generation_prompt,
+        )
+        return Call("Chat", request, adapter_metadata(adapter), Completion.from_pb, timeout)
+
+    @staticmethod
+    def chat_stream(
+        messages: Sequence[dict[str, str]],
+        adapter: str = "",
+        *,
+        add_generation_prompt: bool = True,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Generator[StreamChunk, None, None] | AsyncGenerator[StreamChunk, None]:
+        """``chat``, chunk by chunk, as ``stream`` does."""
+        request = chat_request(
+            messages,
+            adapter,
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop),
+            request_id,
+            add_generation_prompt,
+        )
+        metadata = adapter_metadata(adapter)
+        return Call("ChatStream", request, metadata, StreamChunk.from_pb, timeout)
+
+    @staticmethod
+    def score(
+        prompt: str,
+        continuations: Sequence[str],
+        adapter: str = "",
+        *,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> list[Score]:
+        """log P(continuation | prompt) under ``adapter`` for each continuation."""
+        request = pb.ScoreRequest(
+            adapter=adapter,
+            prompt=prompt,
+            continuations=list(continuations),
+            request_id=request_id,
+        )
+
+        def decode(response) -> list[Score]:
+            return [Score.from_pb(s) for s in response.scores]
+
+        return Call("Score", request, adapter_metadata(adapter), decode, timeout)
+
+    @staticmethod
     def list_adapters(*, timeout: float | None = None) -> list[AdapterInfo]:
         """The adapters the server can serve, with their cache state."""
 
@@ -277,6 +374,9 @@ class LoraClient(_ClientCore):
 
     generate = _method(Calls.generate, "_unary")
     stream = _method(Calls.stream, "_stream")
+    chat = _method(Calls.chat, "_unary")
+    chat_stream = _method(Calls.chat_stream, "_stream")
+    score = _method(Calls.score, "_unary")
     list_adapters = _method(Calls.list_adapters, "_unary")
     server_info = _method(Calls.server_info, "_unary")
 
@@ -323,7 +423,7 @@ class LoraClient(_ClientCore):
     def _stream(self, call: Call) -> Generator[StreamChunk, None, None]:
         deadline, attempt = self._deadline(call), 0
         while True:
-            rpc = self._stub.GenerateStream(
+            rpc = getattr(self._stub, call.rpc)(
                 call.request, timeout=deadline.remaining(), metadata=call.metadata
             )
             received = False
@@ -358,6 +458,9 @@ class AsyncLoraClient(_ClientCore):
 
     generate = _method(Calls.generate, "_unary")
     stream = _method(Calls.stream, "_stream")
+    chat = _method(Calls.chat, "_unary")
+    chat_stream = _method(Calls.chat_stream, "_stream")
+    score = _method(Calls.score, "_unary")
     list_adapters = _method(Calls.list_adapters, "_unary")
     server_info = _method(Calls.server_info, "_unary")
 
@@ -403,7 +506,7 @@ class AsyncLoraClient(_ClientCore):
     async def _stream(self, call: Call) -> AsyncGenerator[StreamChunk, None]:
         deadline, attempt = self._deadline(call), 0
         while True:
-            rpc = self._stub.GenerateStream(
+            rpc = getattr(self._stub, call.rpc)(
                 call.request, timeout=deadline.remaining(), metadata=call.metadata
             )
             received = False

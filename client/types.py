@@ -107,6 +107,20 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Score:
+    """One continuation's log-likelihood given the prompt (``LoraClient.score``)."""
+
+    logprob: float
+    token_logprobs: tuple[float, ...]
+    token_ids: tuple[int, ...]
+    greedy: bool  # every token was the model's argmax
+
+    @classmethod
+    def from_pb(cls, msg: pb.ContinuationScore) -> Score:
+        return cls(msg.logprob, tuple(msg.token_logprobs), tuple(msg.token_ids), msg.greedy)
+
+
+@dataclass(frozen=True)
 class StreamChunk:
     """One streamed piece: new text and token ids since the previous chunk.
 

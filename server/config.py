@@ -46,6 +46,24 @@ class ServerConfig:
     metrics_port: int | None = setting(
         9400, "Prometheus /metrics port (0 = any free port, -1 = off)", parse=_port_or_off
     )
+    http_port: int | None = setting(
+        None,
+        "serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+        "/v1/chat/completions) on this port; off unless set (0 = any free port)",
+    )
+    served_model_name: str | None = setting(
+        None,
+        "the base model's name in the HTTP API's `model` field",
+        parse=str,
+        shown="'demo', or the model folder's name",
+    )
+    vllm_metrics: bool = setting(
+        False,
+        "also export the router-facing series under vLLM's names (vllm:lora_requests_info, "
+        "vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc), for "
+        "routers that read only those (the Gateway API Inference Extension's defaults)",
+        parse="flag",
+    )
     health_port: int | None = setting(
         None,
         "also serve grpc.health.v1 in plaintext on this port, for probes that cannot speak TLS "
@@ -131,9 +149,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``ServerConfig`` field, named, typed, documented and defaulted by it."""
     for f in dataclasses.fields(ServerConfig):
         meta = f.metadata
-        parse = meta["parse"] or (type(f.default) if f.default is not None else int)
         shown = meta["shown"] if meta["shown"] is not None else f.default
         help = meta["help"] if shown is None else f"{meta['help']} (default: {shown})"
+        if meta["parse"] == "flag":  # a switch: present = on
+            parser.add_argument(
+                flag_name(f), dest=f.name, action="store_true", default=f.default, help=help
+            )
+            continue
+        parse = meta["parse"] or (type(f.default) if f.default is not None else int)
         parser.add_argument(
             flag_name(f),
             dest=f.name,

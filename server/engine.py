@@ -59,11 +59,14 @@ from loraserve.server.errors import (
     ShuttingDown,
 )
 from loraserve.server.sampling import (
+    MAX_LOGPROBS,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
     MIN_TEMPERATURE,
     SamplingParams,
+    TokenLogprob,
     make_generator,
+    prompt_logprobs,
     sample,
 )
 
@@ -99,6 +102,10 @@ class GenerationRequest:
 class TokenEvent:
     token_ids: list[int]
     text: str
+    # one per token id, when the request asked for logprobs
+    logprobs: list[TokenLogprob] | None = None
+    # the prompt's (params.prompt_logprobs), in one event of no tokens right after the prefill
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     adapter_version: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 Event = TokenEvent | FinishEvent
@@ -153,10 +162,18 @@ class RequestHandle:
         """Block until the request finishes; raise its error if it failed. Idempotent."""
         if self._outcome is None:
             text, ids = [], []
+            logprobs: list[TokenLogprob] | None = None
+            prompt: list[TokenLogprob] | None = None
             for event in self:
                 if isinstance(event, TokenEvent):
                     text.append(event.text)
                     ids.extend(event.token_ids)
+                    if event.logprobs is not None:
+                        logprobs = (logprobs or []) + event.logprobs
+                    if event.prompt_logprobs is not None:
+                        prompt = event.prompt_logprobs
+            if logprobs is None and self.request.params.logprobs is not None:
+                logprobs = []
             self._outcome = event.error or Completion(
                 "".join(text),
                 ids,
@@ -164,6 +181,8 @@ class RequestHandle:
                 event.prompt_tokens,
                 event.completion_tokens,
                 event.adapter_version,
+                logprobs,
+                prompt,
             )
         if isinstance(self._outcome, Exception):
             raise self._outcome
@@ -206,6 +225,7 @@ class _Sequence:
         self.kv_written = 0  # KV positions [0, kv_written) of its row this sequence wrote
         self.last_token = self.request.prompt_ids[-1]
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # per generated token, when params.logprobs
         self.detok = detok
         self.stop_tail = StopTail(self.params.stop)
         self.held_back = 0  # trailing chars of text that may begin a stop string
@@ -289,11 +309,16 @@ class Engine:
                 f"{len(ids)} tokens does not fit max_seq_len {cfg.max_seq_len} "
                 "(the prompt plus at least one generated token must fit)",
             )
-        if not 1 <= p.max_new_tokens <= cfg.max_seq_len:
+        least = 0 if p.prompt_logprobs is not None else 1  # 0: score the prompt only
+        if not least <= p.max_new_tokens <= cfg.max_seq_len:
             raise InvalidRequest(
                 "params.max_new_tokens",
-                f"must be in [1, {cfg.max_seq_len}], got {p.max_new_tokens}",
+                f"must be in [{least}, {cfg.max_seq_len}], got {p.max_new_tokens}"
+                + (" (0 only with prompt_logprobs)" if least else ""),
             )
+        for name, k in (("logprobs", p.logprobs), ("prompt_logprobs", p.prompt_logprobs)):
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequest(f"params.{name}", f"must be in [0, {MAX_LOGPROBS}], got {k}")
         if not (p.temperature == 0 or MIN_TEMPERATURE <= p.temperature < math.inf):
             raise InvalidRequest(  # also refuses NaN
                 "params.temperature",
@@ -321,6 +346,13 @@ class Engine:
             "kv_tokens_used": tokens,
             "kv_tokens_total": self.config.max_batch_size * self.config.max_seq_len,
         }
+
+    def adapters_in_flight(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Names of the adapters with requests running, and waiting (any thread)."""
+        with self._lock:
+            running = frozenset(s.request.adapter for s in self._running if s.request.adapter)
+            waiting = frozenset(h.request.adapter for h, _ in self._waiting if h.request.adapter)
+        return running, waiting
 
     # ---------------------------------------------------------------- thread control
 
@@ -491,25 +523,57 @@ class Engine:
                     return
 
     def _run_batch(self, seqs: list[_Sequence], prefill: bool) -> None:
+        scoring = prefill and any(s.params.prompt_logprobs is not None for s in seqs)
         try:
-            logits = self._forward(seqs, prefill)
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            out = self._forward(seqs, prefill, return_hidden=scoring)
+            logits, hidden = out if scoring else (out, None)
+            tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception as err:  # one bad batch fails its requests, never the engine
             log.exception("forward failed for %d sequence(s)", len(seqs))
             for seq in seqs:
                 self._finish(seq, FinishReason.ERROR, error=ServingError(f"internal error: {err}"))
             return
+        if hidden is not None:
+            self._score_prompts(seqs, hidden)
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens):
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            if seq not in self._running:
+                continue  # a prompt scored and nothing to generate (or its scoring failed)
             if isinstance(token, ServingError):
                 self._fail_row(seq, token)
                 continue
             try:
-                self._accept_token(seq, token, now)
+                self._accept_token(seq, token, now, logprob)
             except Exception as err:  # a bug in this row's text handling: that row only
                 log.exception("accepting a token of request %r failed", seq.request.request_id)
                 if seq in self._running:
                     self._fail_row(seq, ServingError(f"internal error: {err}"))
+
+    def _score_prompts(self, seqs: list[_Sequence], hidden: torch.Tensor) -> None:
+        """Prompt log-probabilities for the prefilled rows that asked, from the hidden states of
+        their positions (the head runs on one row's chunk at a time, routed to its adapter in
+        case the head itself is adapted). A row with nothing to generate finishes here."""
+        for i, seq in enumerate(seqs):
+            k = seq.params.prompt_logprobs
+            if k is None:
+                continue
+
+            def logits_at(start: int, stop: int, i: int = i, slot: int = seq.slot):
+                self.adapters.set_row_slots([slot], stop - start, self.device)
+                return self.model.head(hidden[i : i + 1, start:stop])[0]
+
+            try:
+                values = prompt_logprobs(logits_at, seq.request.prompt_ids, k)
+            except Exception as err:
+                log.exception("prompt logprobs of request %r failed", seq.request.request_id)
+                self._fail_row(seq, ServingError(f"internal error: {err}"))
+                continue
+            if any(v.logprob != v.logprob for v in values):  # NaN: a broken adapter
+                self._fail_row(seq, NonFiniteLogits())
+                continue
+            _deliver(seq.handle, TokenEvent([], "", prompt_logprobs=values))
+            if seq.params.max_new_tokens == 0:
+                self._finish(seq, FinishReason.LENGTH)
 
     def _fail_row(self, seq: _Sequence, error: ServingError) -> None:
         """One row of a batch failed (non-finite logits, a failed draw): it finishes alone."""
@@ -522,8 +586,11 @@ class Engine:
         log.warning("request %r on adapter %s failed: %s", seq.request.request_id, adapter, error)
         self._finish(seq, FinishReason.ERROR, error=error)
 
-    def _forward(self, seqs: list[_Sequence], prefill: bool) -> torch.Tensor:
-        """Build the batch tensors and run the model; returns next-token logits ``[B, V]``.
+    def _forward(
+        self, seqs: list[_Sequence], prefill: bool, return_hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Build the batch tensors and run the model; returns next-token logits ``[B, V]``
+        (and, with ``return_hidden``, a prefill's final hidden states ``[B, S, C]``).
 
         Routing (each row's adapter slot) and the KV read window are computed here on the host
         and handed to the model, so the forward itself never reads a device value back."""
@@ -561,9 +628,12 @@ class Engine:
             cache_rows=None if rows is None else rows.to(dev),
             logits_at=last.to(dev),
             kv_len=kv_len,
+            **({"return_hidden": True} if return_hidden else {}),
         )
 
-    def _accept_token(self, seq: _Sequence, token: int, now: float) -> None:
+    def _accept_token(
+        self, seq: _Sequence, token: int, now: float, logprob: TokenLogprob | None = None
+    ) -> None:
         if self.metrics is not None:
             if seq.generated:
                 self.metrics.observe_inter_token(now - seq.t_last)
@@ -571,6 +641,8 @@ class Engine:
                 self.metrics.observe_first_token(seq.request.adapter, now - seq.t_arrival)
         seq.t_last = now
         seq.generated.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         if token in self.eos_ids:
             self._finish(seq, FinishReason.STOP, flush=True)
             return
@@ -607,7 +679,10 @@ class Engine:
             new_ids = new_ids[:-1]
         text = seq.text[seq.emitted : upto] if upto > seq.emitted else ""
         if text or new_ids:
-            _deliver(seq.handle, TokenEvent(new_ids, text))
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = seq.logprobs[seq.reported_ids : seq.reported_ids + len(new_ids)]
+            _deliver(seq.handle, TokenEvent(new_ids, text, logprobs))
             seq.reported_ids = len(seq.generated)
             seq.emitted = max(seq.emitted, upto)
 

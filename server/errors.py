@@ -46,6 +46,10 @@ class NonFiniteLogits(ServingError):
         )
 
 
+class NoChatTemplate(ServingError):
+    """A chat request for a model (and adapter) that carries no chat template."""
+
+
 class QueueFull(ServingError):
     pass
 
@@ -59,6 +63,7 @@ __all__ = [
     "AdapterUnavailable",
     "InvalidAdapter",
     "InvalidRequest",
+    "NoChatTemplate",
     "NonFiniteLogits",
     "QueueFull",
     "ServingError",

@@ -11,6 +11,16 @@ that was refused) as ``__unknown__``, so neither clients nor files dropped into 
 spend the label slots. The base model is ``__base__``. Thousands of adapters cannot blow up the
 series count. A retired adapter keeps its label value (series already exported stay valid).
 
+Router-facing series, read at scrape time (``RouterState``): ``loraserve_lora_requests_info``
+(labels ``max_lora``, ``running_lora_adapters``, ``waiting_lora_adapters``: comma-separated
+names of the adapters with requests in flight; value = the time it was read), the series the
+Gateway API Inference Extension's LoRA-affinity scorer reads, and ``loraserve_adapter_resident``
+(``adapter``, ``tier``): the adapters resident in device slots and host memory, which that one
+does not show (it lists only adapters with requests in flight). With ``--vllm-metrics`` the
+first also goes out as ``vllm:lora_requests_info``, with ``vllm:num_requests_waiting``,
+``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc``, for routers that read only
+vLLM's names. Adapter names there are capped like every ``adapter`` label.
+
 Besides the serving series: the process collector (RSS, CPU seconds, open fds, start time), the
 platform collector, and ``loraserve_build_info`` (version, model, device, dtype). The
 ``_created`` series prometheus_client adds to every counter are switched off: they double the
@@ -20,7 +30,9 @@ series count and no dashboard reads them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import prometheus_client
 from prometheus_client import (
@@ -33,6 +45,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "__other__"
@@ -64,6 +77,78 @@ class AdapterLabels:
                 self._given.add(name)
                 return name
         return OTHER_LABEL
+
+
+@dataclass(frozen=True)
+class RouterState:
+    """What a router needs to know of a replica, read at scrape time."""
+
+    max_lora: int
+    running_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    resident: dict[str, str] = field(default_factory=dict)  # adapter -> "device" | "host"
+
+
+class RouterCollector:
+    """The router-facing series (see the module docstring) from ``state()`` at each scrape."""
+
+    def __init__(self, state: Callable[[], RouterState], label: AdapterLabels, vllm: bool):
+        self.state, self.label, self.vllm = state, label, vllm
+
+    def names(self, adapters: frozenset[str]) -> str:
+        return ",".join(sorted({self.label(a) for a in adapters}))
+
+    def collect(self):
+        st = self.state()
+        info_labels = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
+        values = [
+            str(st.max_lora),
+            self.names(st.running_adapters),
+            self.names(st.waiting_adapters),
+        ]
+        now = time.time()
+        info = GaugeMetricFamily(
+            "loraserve_lora_requests_info",
+            "Adapters with requests running and waiting (comma-separated), and the device "
+            "slots (max_lora); value = when it was read (unix seconds).",
+            labels=info_labels,
+        )
+        info.add_metric(values, now)
+        yield info
+        resident = GaugeMetricFamily(
+            "loraserve_adapter_resident",
+            "Adapters resident per tier (device slots, host memory): 1 per named adapter, the "
+            "count under __other__.",
+            labels=["adapter", "tier"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for name, tier in st.resident.items():
+            key = (self.label(name), tier)
+            counts[key] = counts.get(key, 0) + 1
+        for (name, tier), n in sorted(counts.items()):
+            resident.add_metric([name, tier], n)
+        yield resident
+        if not self.vllm:
+            return
+        vllm_info = GaugeMetricFamily(
+            "vllm:lora_requests_info", "As loraserve_lora_requests_info.", labels=info_labels
+        )
+        vllm_info.add_metric(values, now)
+        yield vllm_info
+        yield GaugeMetricFamily(
+            "vllm:num_requests_waiting", "As loraserve_waiting_requests.", value=st.waiting
+        )
+        yield GaugeMetricFamily(
+            "vllm:num_requests_running", "As loraserve_running_requests.", value=st.running
+        )
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc",
+            "As loraserve_kv_cache_usage_ratio (0-1).",
+            value=st.kv_usage,
+        )
 
 
 class Metrics:
@@ -232,6 +317,10 @@ class Metrics:
         for tier in ("disk", "host", "device"):
             self.resident.labels(tier).set_function(lambda t=tier: residency().get(t, 0))
         self.invalid_now.set_function(invalid)
+
+    def bind_router_state(self, state: Callable[[], RouterState], vllm: bool = False) -> None:
+        """Export the router-facing series from ``state`` (and under vLLM's names)."""
+        self.registry.register(RouterCollector(state, self.label, vllm))
 
     def set_build_info(self, **info: str) -> None:
         self.build.info({k: str(v) for k, v in info.items()})

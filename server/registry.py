@@ -55,6 +55,7 @@ class AdapterEntry:
     version: str
     rank: int
     nbytes: int
+    chat_template: str | None = None  # the adapter's own, which wins over the base model's
 
 
 def adapter_name_for(directory: Path, path: Path) -> str | None:
@@ -182,7 +183,9 @@ class AdapterRegistry:
         return adapter
 
     def _publish(self, name: str, path: Path, adapter: Adapter) -> AdapterEntry:
-        entry = AdapterEntry(name, path, adapter.version, adapter.rank, adapter.nbytes)
+        entry = AdapterEntry(
+            name, path, adapter.version, adapter.rank, adapter.nbytes, adapter.chat_template
+        )
         with self._lock:
             old = self._current.get(name)
             self._current[name] = entry

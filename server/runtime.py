@@ -25,8 +25,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from loraserve.adapters.chat_template import ChatTemplate, ChatTemplateError
 from loraserve.adapters.demo_paths import demo_adapters_dir, demo_base_dir
-from loraserve.adapters.format import Adapter, WeightsOutOfRange, validate_adapter
+from loraserve.adapters.format import (
+    Adapter,
+    InvalidAdapterConfig,
+    WeightsOutOfRange,
+    validate_adapter,
+)
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from loraserve.adapters.models import KVCache, load_model
@@ -35,7 +41,7 @@ from loraserve.adapters.models.packed import can_pack, pack_linears
 from loraserve.server.adapter_cache import AdapterCache, HostCache
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine import Engine
-from loraserve.server.metrics import Metrics
+from loraserve.server.metrics import Metrics, RouterState
 from loraserve.server.registry import AdapterRegistry
 from loraserve.server.resources import (
     available_cpus,
@@ -148,6 +154,12 @@ class Runtime:
         if self.loaded.tokenizer is None:
             raise ValueError(f"{self.loaded.path} has no tokenizer.json; the server needs one")
         self.tokenizer = self.loaded.tokenizer
+        # the base model's chat template (None: chat needs an adapter that carries one)
+        try:
+            self.chat_template = ChatTemplate.from_folder(self.loaded.path)
+        except ChatTemplateError as err:  # chat is refused; everything else serves
+            log.error("the base model's chat template cannot be used: %s", err)
+            self.chat_template = None
         model = self.loaded.model
         self.base_shapes = linear_shapes(model)
         targeted = target_names(model, config.lora_targets)
@@ -217,6 +229,7 @@ class Runtime:
         self.metrics.bind_state(
             self.engine.stats, self.residency, lambda: len(self.registry.errors())
         )
+        self.metrics.bind_router_state(self.router_state, vllm=config.vllm_metrics)
         self.metrics.set_build_info(
             version=SERVER_VERSION,
             model=config.model,
@@ -291,6 +304,37 @@ class Runtime:
                     f"adapter {adapter.name!r}: {module}'s B times its scale {w.scale:g} reaches "
                     f"{folded:.3g}, over {str(self.dtype).removeprefix('torch.')}'s largest value"
                 )
+        if adapter.chat_template is not None:
+            try:
+                ChatTemplate(adapter.chat_template).check()
+            except ChatTemplateError as err:
+                raise InvalidAdapterConfig(
+                    f"adapter {adapter.name!r}: its chat template is invalid: {err}"
+                ) from None
+
+    def resident_adapters(self) -> dict[str, str]:
+        """Adapter name -> the fastest tier holding its current version ("device", "host")."""
+        device, host = self.cache.device_versions(), self.host.versions()
+        tiers = {}
+        for entry in self.registry.entries():
+            if entry.version in device:
+                tiers[entry.name] = "device"
+            elif entry.version in host:
+                tiers[entry.name] = "host"
+        return tiers
+
+    def router_state(self) -> RouterState:
+        running, waiting = self.engine.adapters_in_flight()
+        stats = self.engine.stats()
+        return RouterState(
+            max_lora=self.config.max_active_adapters,
+            running_adapters=running,
+            waiting_adapters=waiting,
+            running=stats["running"],
+            waiting=stats["waiting"],
+            kv_usage=stats["kv_rows_used"] / max(1, stats["kv_rows_total"]),
+            resident=self.resident_adapters(),
+        )
 
     def residency(self) -> dict[str, int]:
         return {"disk": len(self.registry.entries()), **self.cache.resident()}

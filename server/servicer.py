@@ -24,20 +24,21 @@ import time
 
 import grpc
 from google.protobuf.message import DecodeError
-from loraserve.adapters.format import NAME_RE, InvalidAdapter
-from loraserve.adapters.tokenizer import UnencodableText
+from loraserve.adapters.format import InvalidAdapter
 from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
 from loraserve.server.errors import (
     AdapterNotFound,
     AdapterUnavailable,
     InvalidRequest,
+    NoChatTemplate,
     NonFiniteLogits,
     QueueFull,
     ServingError,
     ShuttingDown,
 )
+from loraserve.server.frontend import MAX_CONTINUATIONS, Frontend
 from loraserve.server.runtime import SERVER_VERSION, Runtime
-from loraserve.server.sampling import SamplingParams
+from loraserve.server.sampling import SamplingParams, TokenLogprob
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 
@@ -50,6 +51,7 @@ _STATUS = [
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (NoChatTemplate, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidAdapter, grpc.StatusCode.FAILED_PRECONDITION),
     (NonFiniteLogits, grpc.StatusCode.FAILED_PRECONDITION),  # a broken adapter, not our bug
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -78,57 +80,85 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         top_k=p.top_k if p.HasField("top_k") else 0,
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     )
 
 
 class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
     def __init__(self, runtime: Runtime | None = None, model_name: str = ""):
-        self.runtime = runtime  # None while the model loads: calls get UNAVAILABLE
+        self._runtime = runtime  # None while the model loads: calls get UNAVAILABLE
+        self.front = Frontend(runtime) if runtime is not None else None
         self.model_name = model_name
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime | None) -> None:
+        self._runtime = runtime
+        self.front = Frontend(runtime) if runtime is not None else None
 
     # ------------------------------------------------------------------ conversions
 
+    def _common(self, adapter: str, request_id: str) -> None:
+        """The cheap checks every generation request gets before any work."""
+        Frontend.check_adapter_name(adapter)
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(
+                "request_id", f"{len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+            )
+
+    def _prompt_ids_fit(self, ids, field: str) -> None:
+        if len(ids) >= self.front.max_seq_len:
+            raise InvalidRequest(
+                field, f"{len(ids)} tokens does not fit max_seq_len {self.front.max_seq_len}"
+            )
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return time.monotonic() + remaining if remaining is not None else None
+
     async def request_from_pb(self, req: pb.GenerateRequest, context) -> GenerationRequest:
         """Check the cheap things first (names, sizes), then tokenize off the event loop."""
-        if req.adapter and not NAME_RE.fullmatch(req.adapter):
-            raise InvalidRequest(
-                "adapter", f"{req.adapter[:64]!r} is not a valid name ([A-Za-z0-9][A-Za-z0-9._-]*)"
-            )
-        if len(req.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequest(
-                "request_id", f"{len(req.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
-            )
+        self._common(req.adapter, req.request_id)
         if req.prompt and req.prompt_token_ids:
             raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
-        max_seq_len = self.runtime.config.max_seq_len
-        if len(req.prompt_token_ids) >= max_seq_len:
-            raise InvalidRequest(
-                "prompt_token_ids",
-                f"{len(req.prompt_token_ids)} tokens does not fit max_seq_len {max_seq_len}",
-            )
+        self._prompt_ids_fit(req.prompt_token_ids, "prompt_token_ids")
         if req.prompt:
-            ids = tuple(await self.tokenize(req.prompt))
+            ids = tuple(await self.front.tokenize(req.prompt))
         else:
             ids = tuple(req.prompt_token_ids)
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         return GenerationRequest(
-            ids, sampling_from_pb(req.params), req.adapter, req.request_id, deadline
+            ids, sampling_from_pb(req.params), req.adapter, req.request_id, self._deadline(context)
         )
 
-    async def tokenize(self, text: str) -> list[int]:
-        tokenizer, max_seq_len = self.runtime.tokenizer, self.runtime.config.max_seq_len
-        limit = max_seq_len * tokenizer.max_token_chars
-        if len(text) > limit:  # no tokenization of this text can fit: refuse it unread
-            raise InvalidRequest(
-                "prompt",
-                f"{len(text)} characters cannot fit max_seq_len {max_seq_len} tokens "
-                f"(at most {limit} characters)",
+    async def chat_request_from_pb(self, req: pb.ChatRequest, context) -> GenerationRequest:
+        self._common(req.adapter, req.request_id)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        add = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
+        ids = await self.front.chat_ids(req.adapter, messages, add)
+        return GenerationRequest(
+            tuple(ids),
+            sampling_from_pb(req.params),
+            req.adapter,
+            req.request_id,
+            self._deadline(context),
+        )
+
+    def logprobs_pb(self, values: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+        text = self.front.token_text
+        return [
+            pb.TokenLogprob(
+                token_id=v.token_id,
+                token=text(v.token_id),
+                logprob=v.logprob,
+                top=[pb.TopLogprob(token_id=i, token=text(i), logprob=lp) for i, lp in v.top],
             )
-        try:
-            return await asyncio.to_thread(tokenizer.encode_checked, text)
-        except UnencodableText as err:
-            raise InvalidRequest("prompt", str(err)) from None
+            for v in values or ()
+        ]
 
     # ------------------------------------------------------------------ handlers
     #
@@ -136,46 +166,119 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
     # the shared parts (refusing bad bytes, UNAVAILABLE while the model loads, mapping errors to
     # status codes, metrics and the request log line), so a new RPC is one method.
 
-    async def _events(self, request: pb.GenerateRequest, context):
-        """Submit to the engine and yield its events; cancels the request if we stop early."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        handle = self.runtime.engine.submit(
-            await self.request_from_pb(request, context),
-            on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-        )
-        finished = False
-        try:
-            while not finished:
-                event = await events.get()
-                finished = isinstance(event, FinishEvent)
-                if finished and event.error is not None:
-                    raise event.error
-                yield event
-        finally:
-            if not finished:  # client cancel, deadline, or an error on our side
-                handle.cancel()
-
-    async def Generate(self, request, context):
-        text, ids, last = [], [], None
-        async for event in self._events(request, context):
+    async def _complete(self, request, generation: GenerationRequest) -> pb.GenerateResponse:
+        text, ids, logprobs, prompt, last = [], [], [], [], None
+        async for event in self.front.events(generation):
             if isinstance(event, TokenEvent):
                 text.append(event.text)
                 ids.extend(event.token_ids)
+                logprobs.extend(event.logprobs or ())
+                prompt.extend(event.prompt_logprobs or ())
             else:
                 last = event
         return pb.GenerateResponse(
-            text="".join(text), token_ids=ids, **self._finish_fields(request, last)
+            text="".join(text),
+            token_ids=ids,
+            logprobs=self.logprobs_pb(logprobs),
+            prompt_logprobs=self.logprobs_pb(prompt),
+            **self._finish_fields(request, last),
         )
 
-    async def GenerateStream(self, request, context):
-        async for event in self._events(request, context):
+    async def _stream(self, request, generation: GenerationRequest):
+        async for event in self.front.events(generation):
             if isinstance(event, TokenEvent):
-                yield pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+                yield pb.GenerateStreamResponse(
+                    text=event.text,
+                    token_ids=event.token_ids,
+                    logprobs=self.logprobs_pb(event.logprobs),
+                    prompt_logprobs=self.logprobs_pb(event.prompt_logprobs),
+                )
             else:
                 yield pb.GenerateStreamResponse(**self._finish_fields(request, event))
 
-    def _finish_fields(self, request: pb.GenerateRequest, event: FinishEvent) -> dict:
+    async def Generate(self, request, context):
+        return await self._complete(request, await self.request_from_pb(request, context))
+
+    async def GenerateStream(self, request, context):
+        async for response in self._stream(request, await self.request_from_pb(request, context)):
+            yield response
+
+    async def Chat(self, request, context):
+        return await self._complete(request, await self.chat_request_from_pb(request, context))
+
+    async def ChatStream(self, request, context):
+        generation = await self.chat_request_from_pb(request, context)
+        async for response in self._stream(request, generation):
+            yield response
+
+    async def Score(self, request, context):
+        self._common(request.adapter, request.request_id)
+        if request.prompt and request.prompt_token_ids:
+            raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
+        if request.continuations and request.continuation_token_ids:
+            raise InvalidRequest(
+                "continuations", "give continuations or continuation_token_ids, not both"
+            )
+        n = len(request.continuations) or len(request.continuation_token_ids)
+        if not 1 <= n <= MAX_CONTINUATIONS:
+            raise InvalidRequest("continuations", f"give 1 to {MAX_CONTINUATIONS}, got {n}")
+        self._prompt_ids_fit(request.prompt_token_ids, "prompt_token_ids")
+        if request.prompt:
+            prompt = await self.front.tokenize(request.prompt)
+        else:
+            prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise InvalidRequest("prompt", "is empty: the first token has no log-probability")
+        if request.continuations:
+            conts = []
+            for i, text in enumerate(request.continuations):
+                conts.append(await self.front.tokenize(text, f"continuations[{i}]", special=False))
+        else:
+            conts = [list(c.ids) for c in request.continuation_token_ids]
+        for i, c in enumerate(conts):
+            if not c:
+                raise InvalidRequest(f"continuations[{i}]", "is empty")
+            self._prompt_ids_fit(prompt + c, f"continuations[{i}]")
+        params = SamplingParams(max_new_tokens=0, prompt_logprobs=1)
+        deadline = self._deadline(context)
+        generations = [
+            GenerationRequest(
+                tuple(prompt + c), params, request.adapter, request.request_id, deadline
+            )
+            for c in conts
+        ]
+        # all submitted before any is awaited: they prefill together, with everything else
+        results = await self.front.all_or_none(self._prompt_logprobs(g) for g in generations)
+        scores = []
+        version = results[0][1]  # one adapter version for every continuation (all queued at once)
+        for c, (values, _) in zip(conts, results):
+            tail = values[len(prompt) - 1 :]  # values[j] is token j + 1's
+            scores.append(
+                pb.ContinuationScore(
+                    logprob=sum(v.logprob for v in tail),
+                    token_logprobs=[v.logprob for v in tail],
+                    token_ids=c,
+                    greedy=all(v.top and v.top[0][0] == v.token_id for v in tail),
+                )
+            )
+        return pb.ScoreResponse(
+            scores=scores,
+            prompt_tokens=len(prompt),
+            adapter=request.adapter,
+            adapter_version=version,
+            request_id=request.request_id,
+        )
+
+    async def _prompt_logprobs(self, generation: GenerationRequest):
+        values, version = [], ""
+        async for event in self.front.events(generation):
+            if isinstance(event, TokenEvent):
+                values.extend(event.prompt_logprobs or ())
+            else:
+                version = event.adapter_version
+        return values, version
+
+    def _finish_fields(self, request, event: FinishEvent) -> dict:
         return dict(
             finish_reason=_FINISH[event.reason],
             prompt_tokens=event.prompt_tokens,
@@ -287,7 +390,8 @@ class MalformedRequest(InvalidRequest):
 def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
     """The shared part of every handler: bad bytes, loading, status codes, metrics, logs."""
     fn = getattr(servicer, name)
-    generation = name.startswith("Generate")  # requests that name an adapter: metered
+    # requests that name an adapter: metered
+    generation = name.startswith(("Generate", "Chat")) or name == "Score"
 
     def check(request) -> None:
         if isinstance(request, Malformed):

@@ -182,3 +182,53 @@ def test_a_real_prometheus_scrapes_the_request_count(served, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_router_series_name_adapters_in_flight_and_resident(tmp_path):
+    """loraserve_lora_requests_info lists the adapters with requests running and waiting (the
+    Gateway API Inference Extension's LoRA-affinity input), under vLLM's name too with
+    --vllm-metrics; loraserve_adapter_resident names what sits in each tier."""
+    model = make_llama(tmp_path / "model")
+    d = tmp_path / "adapters"
+    d.mkdir()
+    for i in range(3):
+        write_adapter(d / f"r{i}.safetensors", random_adapter(model, f"r{i}", seed=i))
+    server = ServerThread(
+        serving_config(
+            model,
+            d,
+            metrics_port=0,
+            max_active_adapters=2,
+            max_batch_size=1,
+            max_seq_len=200,
+            vllm_metrics=True,
+        )
+    )
+    try:
+        stub = server.stub()
+        params = pb.SamplingParams(max_new_tokens=150)
+        running = stub.GenerateStream(pb.GenerateRequest(adapter="r0", prompt="hi", params=params))
+        next(running)  # r0 holds the only KV row ...
+        waiting = stub.Generate.future(
+            pb.GenerateRequest(
+                adapter="r1", prompt="hi", params=pb.SamplingParams(max_new_tokens=1)
+            )
+        )  # ... so r1 waits
+        wait_for(lambda: server.runtime.engine.stats()["waiting"] == 1)
+        text = scrape(server)
+        info = 'max_lora="2",running_lora_adapters="r0",waiting_lora_adapters="r1"'
+        assert re.search(rf"loraserve_lora_requests_info\{{{info}\}} \d\.\d+e\+09", text)
+        assert re.search(rf"vllm:lora_requests_info\{{{info}\}} \d\.\d+e\+09", text)
+        assert "vllm:num_requests_waiting 1.0" in text
+        assert "vllm:num_requests_running 1.0" in text
+        assert 'loraserve_adapter_resident{adapter="r0",tier="device"} 1.0' in text
+        running.cancel()
+        waiting.result(timeout=30)
+        wait_for(lambda: not server.runtime.engine.busy())
+        text = scrape(server)
+        idle = 'max_lora="2",running_lora_adapters="",waiting_lora_adapters=""'
+        assert f"loraserve_lora_requests_info{{{idle}}}" in text
+        assert 'loraserve_adapter_resident{adapter="r1",tier="device"} 1.0' in text
+        assert 'adapter="r2",tier="device"' not in text  # never asked for: host at most
+    finally:
+        server.stop()

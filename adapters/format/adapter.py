@@ -47,6 +47,8 @@ class Adapter:
     modules: dict[str, LoRAWeights] = field(hash=False)
     version: str  # sha256 of the file content, 16 hex chars
     nbytes: int  # bytes of A and B tensors
+    # the adapter's own chat template (Jinja source), which wins over the base model's
+    chat_template: str | None = None
 
     @property
     def rank(self) -> int:

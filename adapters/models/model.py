@@ -164,12 +164,13 @@ class CausalLM(nn.Module):
         cache_rows: Tensor | None = None,
         logits_at: Tensor | None = None,
         kv_len: int | None = None,
-    ) -> Tensor:
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
         step = kv_cache.step(positions, cache_rows, kv_len) if kv_cache is not None else None
-        return self.run(input_ids, positions, step, logits_at)
+        return self.run(input_ids, positions, step, logits_at, return_hidden=return_hidden)
 
     def run(
         self,
@@ -178,10 +179,13 @@ class CausalLM(nn.Module):
         step: CacheStep | None,
         logits_at: Tensor | None = None,
         blocks: Sequence[Callable] | None = None,
-    ) -> Tensor:
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """``forward`` once the cache step is built: embeddings, blocks, final norm, head.
         ``blocks``: callables to run instead of the blocks (compiled ones: a static decode
-        step compiles its own, leaving the modules, hence prefill, eager)."""
+        step compiles its own, leaving the modules, hence prefill, eager). ``return_hidden``:
+        also return the final-normed hidden states of every position, ``[B, S, C]``, whose
+        ``head`` gives any position's logits (prompt log-probabilities, a row at a time)."""
         B = input_ids.shape[0]
         n, body = self.spec.names, self.body
         x = body[n.embed](input_ids)  # [B, S, C]
@@ -192,9 +196,19 @@ class CausalLM(nn.Module):
             rope = body["rotary_emb"](positions, x.dtype)  # cos, sin: [B, S, rotary_dim]
         for i, block in enumerate(body[n.layers] if blocks is None else blocks):
             x = block(x, rope, step.layer(i) if step is not None else None)
+        if return_hidden:
+            hidden = body[n.final_norm](x)
+            at = (
+                hidden if logits_at is None else hidden[torch.arange(B, device=x.device), logits_at]
+            )
+            return self.head(at), hidden
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
-        return self.lm_head(body[n.final_norm](x)).float()
+        return self.head(body[n.final_norm](x))
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states -> float32 logits."""
+        return self.lm_head(hidden).float()
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -24,35 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"\xd0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8e\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xd6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xdc\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x15\n\x13ListAdaptersRequest\"\x88\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xe0\x02\n\nServerInfo\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x1b\n\x13max_active_adapters\x18\n \x01(\r\x12\x1b\n\x13max_cached_adapters\x18\x0b \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0c \x01(\r\x12\x18\n\x10running_requests\x18\r \x01(\r\x12\x18\n\x10waiting_requests\x18\x0e \x01(\r\x12\x16\n\x0eserver_version\x18\x0f \x01(\t*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03*]\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07ON_DISK\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\n\n\x06\x44\x45VICE\x10\x03\x12\x0b\n\x07INVALID\x10\x04\x32\xd9\x02\n\rLoraInference\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12M\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a\x18.loraserve.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"\xa6\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\x05H\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.loraserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x8e\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xb9\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12,\n\x08logprobs\x18\t \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"\xbf\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12,\n\x08logprobs\x18\t \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcb\x01\n\x0b\x43hatRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xac\x01\n\x0cScoreRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x15\n\rcontinuations\x18\x04 \x03(\t\x12\x36\n\x16\x63ontinuation_token_ids\x18\x05 \x03(\x0b\x32\x16.loraserve.v1.TokenIds\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"_\n\x11\x43ontinuationScore\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06greedy\x18\x04 \x01(\x08\"\x95\x01\n\rScoreResponse\x12/\n\x06scores\x18\x01 \x03(\x0b\x32\x1f.loraserve.v1.ContinuationScore\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x15\n\x13ListAdaptersRequest\"\x88\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xe0\x02\n\nServerInfo\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x1b\n\x13max_active_adapters\x18\n \x01(\r\x12\x1b\n\x13max_cached_adapters\x18\x0b \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0c \x01(\r\x12\x18\n\x10running_requests\x18\r \x01(\r\x12\x18\n\x10waiting_requests\x18\x0e \x01(\r\x12\x16\n\x0eserver_version\x18\x0f \x01(\t*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03*]\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07ON_DISK\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\n\n\x06\x44\x45VICE\x10\x03\x12\x0b\n\x07INVALID\x10\x04\x32\xaf\x04\n\rLoraInference\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12\x41\n\x04\x43hat\x12\x19.loraserve.v1.ChatRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12O\n\nChatStream\x12\x19.loraserve.v1.ChatRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.loraserve.v1.ScoreRequest\x1a\x1b.loraserve.v1.ScoreResponse\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12M\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a\x18.loraserve.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1452
-  _globals['_FINISHREASON']._serialized_end=1534
-  _globals['_ADAPTERSTATE']._serialized_start=1536
-  _globals['_ADAPTERSTATE']._serialized_end=1629
+  _globals['_FINISHREASON']._serialized_start=2606
+  _globals['_FINISHREASON']._serialized_end=2688
+  _globals['_ADAPTERSTATE']._serialized_start=2690
+  _globals['_ADAPTERSTATE']._serialized_end=2783
   _globals['_SAMPLINGPARAMS']._serialized_start=47
-  _globals['_SAMPLINGPARAMS']._serialized_end=255
-  _globals['_GENERATEREQUEST']._serialized_start=258
-  _globals['_GENERATEREQUEST']._serialized_end=400
-  _globals['_GENERATERESPONSE']._serialized_start=403
-  _globals['_GENERATERESPONSE']._serialized_end=617
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=620
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=840
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=842
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=863
-  _globals['_ADAPTERINFO']._serialized_start=866
-  _globals['_ADAPTERINFO']._serialized_end=1002
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1004
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1071
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1073
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1095
-  _globals['_SERVERINFO']._serialized_start=1098
-  _globals['_SERVERINFO']._serialized_end=1450
-  _globals['_LORAINFERENCE']._serialized_start=1632
-  _globals['_LORAINFERENCE']._serialized_end=1977
+  _globals['_SAMPLINGPARAMS']._serialized_end=341
+  _globals['_TOKENLOGPROB']._serialized_start=343
+  _globals['_TOKENLOGPROB']._serialized_end=446
+  _globals['_TOPLOGPROB']._serialized_start=448
+  _globals['_TOPLOGPROB']._serialized_end=510
+  _globals['_GENERATEREQUEST']._serialized_start=513
+  _globals['_GENERATEREQUEST']._serialized_end=655
+  _globals['_GENERATERESPONSE']._serialized_start=658
+  _globals['_GENERATERESPONSE']._serialized_end=971
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=974
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1293
+  _globals['_CHATMESSAGE']._serialized_start=1295
+  _globals['_CHATMESSAGE']._serialized_end=1339
+  _globals['_CHATREQUEST']._serialized_start=1342
+  _globals['_CHATREQUEST']._serialized_end=1545
+  _globals['_TOKENIDS']._serialized_start=1547
+  _globals['_TOKENIDS']._serialized_end=1570
+  _globals['_SCOREREQUEST']._serialized_start=1573
+  _globals['_SCOREREQUEST']._serialized_end=1745
+  _globals['_CONTINUATIONSCORE']._serialized_start=1747
+  _globals['_CONTINUATIONSCORE']._serialized_end=1842
+  _globals['_SCORERESPONSE']._serialized_start=1845
+  _globals['_SCORERESPONSE']._serialized_end=1994
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1996
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2017
+  _globals['_ADAPTERINFO']._serialized_start=2020
+  _globals['_ADAPTERINFO']._serialized_end=2156
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2158
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2225
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2227
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2249
+  _globals['_SERVERINFO']._serialized_start=2252
+  _globals['_SERVERINFO']._serialized_end=2604
+  _globals['_LORAINFERENCE']._serialized_start=2786
+  _globals['_LORAINFERENCE']._serialized_end=3345
 # @@protoc_insertion_point(module_scope)

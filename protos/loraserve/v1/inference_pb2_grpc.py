@@ -44,6 +44,21 @@ class LoraInferenceStub:
                 request_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/loraserve.v1.LoraInference/Chat',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/loraserve.v1.LoraInference/ChatStream',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/loraserve.v1.LoraInference/Score',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loraserve.v1.LoraInference/ListAdapters',
                 request_serializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
@@ -69,6 +84,31 @@ class LoraInferenceServicer:
     def GenerateStream(self, request, context):
         """Generate a completion and stream it: one message per text delta, the last one carries
         finish_reason and token usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """A conversation rendered with the chat template (the adapter's own if it carries one, else
+        the base model's) and generated from, as Generate / GenerateStream do. FAILED_PRECONDITION
+        when neither has a template; INVALID_ARGUMENT with the template's message when it refuses
+        the conversation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """Chat, streamed as GenerateStream streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """The log-likelihood of one or more continuations of a prompt under an adapter: total and
+        per token. Batched with every other request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +140,21 @@ def add_LoraInferenceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -166,6 +221,87 @@ class LoraInference:
             '/loraserve.v1.LoraInference/GenerateStream',
             loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.LoraInference/Chat',
+            loraserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraserve.v1.LoraInference/ChatStream',
+            loraserve_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.LoraInference/Score',
+            loraserve_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
