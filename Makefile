@@ -68,7 +68,7 @@ serve: install
 	@mkdir -p $(ADAPTERS_DIR)
 	@for f in adapters/demo/adapters/*.safetensors; do \
 		[ -e "$(ADAPTERS_DIR)/$$(basename $$f)" ] || cp "$$f" "$(ADAPTERS_DIR)/"; done
-	$(VENV)/bin/loraserve-server --model demo --adapters $(ADAPTERS_DIR) $(SERVE_ARGS)
+	$(VENV)/bin/loraserve-server --model demo --adapters $(ADAPTERS_DIR) --http-port 8000 $(SERVE_ARGS)
 
 # Rebuild the embedded demo (base model, tokenizer, data, 4 adapters) from scratch,
 # deterministically for a given machine and torch version; ~6-7 minutes on 2 CPU cores.

@@ -10,19 +10,23 @@ Life cycle, as a load balancer sees it through ``grpc.health.v1.Health``:
 
 ``LoraServer`` is what ``main`` and the tests use; binding port 0 picks a free port, and
 ``start()`` returns the port actually bound. Every port (gRPC, metrics, the optional plaintext
-health port for probes beside TLS) is bound before the model loads, so a taken port fails at
-once with one line naming it. "ready" is logged when health turns SERVING.
+health port for probes beside TLS, the OpenAI-compatible HTTP API) is bound before the model
+loads, so a taken port fails at once with one line naming it. "ready" is logged when health
+turns SERVING; the HTTP API answers 503 until then and again once draining starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loraserve.server.metrics import Metrics
+from loraserve.server.openai_api import OpenAIApp, tls_options
 from loraserve.server.runtime import Runtime, ServerConfig
 from loraserve.server.servicer import LoraInferenceServicer, add_to_server
 from loraserve.v1 import inference_pb2
@@ -68,6 +72,13 @@ class LoraServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
+        self.http_port: int | None = None
+        self.http: OpenAIApp | None = None
+        self.draining = False
+        self.started = int(time.time())
+        self.served_model_name = config.served_model_name or (
+            "demo" if config.model == "demo" else Path(config.model).name
+        )
         self.metrics = Metrics(config.max_adapter_labels)
         self._metrics_server = None
         self._server: grpc.aio.Server | None = None
@@ -107,6 +118,11 @@ class LoraServer:
                     f"cannot listen on --metrics-port {self.config.metrics_port} "
                     f"({self.config.host}): {err.strerror or err}"
                 ) from None
+        if self.config.http_port is not None:
+            self.http = OpenAIApp(self)
+            self.http_port = await self.http.serve(
+                self.config.host, self.config.http_port, tls_options(self.config)
+            )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
@@ -115,6 +131,15 @@ class LoraServer:
             log.info("plaintext health checks on %s:%d", self.config.host, self.health_port)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        if self.http_port is not None:
+            scheme = "https" if creds else "http"
+            log.info(
+                "OpenAI-compatible API on %s://%s:%d/v1 (model %r = the base model)",
+                scheme,
+                self.config.host,
+                self.http_port,
+                self.served_model_name,
+            )
         log.info(
             "loraserve listening on %s:%d (%s)",
             self.config.host,
@@ -144,6 +169,7 @@ class LoraServer:
         """Drain: NOT_SERVING, refuse new calls, finish running ones within ``grace``."""
         grace = self.config.drain_grace if grace is None else grace
         log.info("draining (grace %.0fs)", grace)
+        self.draining = True  # the HTTP API answers 503 to new requests
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.stop, grace)
@@ -154,6 +180,8 @@ class LoraServer:
             await self._server.stop(1.0)  # responses already finished; let them flush
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._stopped.set()

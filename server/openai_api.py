@@ -1,0 +1,820 @@
+"""An OpenAI-compatible HTTP API, served from the same process and engine as gRPC.
+
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as
+server-sent events ending with ``data: [DONE]``), and ``GET /health``. ``model`` names an
+adapter, or the base model by its served name; the official ``openai`` client works unchanged.
+
+The stack is Starlette on uvicorn: both are small, widely used and maintained, run on the
+asyncio loop the gRPC server already uses (one process, one engine, no second framework's
+validation layer between OpenAI's JSON and our own checks), and let a streamed response notice
+a client that hangs up. Fields are checked here by hand so that every refusal names its field
+in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}`` with 400 for a bad
+field, 404 for an unknown model, 413 for a body over the cap, 429 when the queue is full, 503
+while loading or draining.
+
+A client that disconnects cancels its sequences at once: a streamed response stops when the
+write fails (Starlette cancels the generator), a plain one races the generation against the
+connection's ``http.disconnect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+from loraserve.adapters.format import InvalidAdapter
+from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
+from loraserve.server.errors import (
+    AdapterNotFound,
+    AdapterUnavailable,
+    InvalidRequest,
+    NoChatTemplate,
+    NonFiniteLogits,
+    QueueFull,
+    ServingError,
+    ShuttingDown,
+)
+from loraserve.server.frontend import Frontend
+from loraserve.server.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20  # as gRPC's message cap
+MAX_N = 16  # choices per request
+MAX_PROMPTS = 64  # prompts in one /v1/completions call
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions
+OWNER = "loraserve"
+
+_ERRORS: list[tuple[type, int, str, str]] = [  # class, HTTP status, type, code
+    (AdapterNotFound, 404, "invalid_request_error", "model_not_found"),
+    (InvalidRequest, 400, "invalid_request_error", "invalid_value"),
+    (NoChatTemplate, 400, "invalid_request_error", "no_chat_template"),
+    (AdapterUnavailable, 400, "invalid_request_error", "adapter_unavailable"),
+    (InvalidAdapter, 400, "invalid_request_error", "adapter_unavailable"),
+    (NonFiniteLogits, 500, "server_error", "non_finite_logits"),
+    (QueueFull, 429, "rate_limit_error", "queue_full"),
+    (ShuttingDown, 503, "service_unavailable", "unavailable"),
+]
+
+
+class HTTPError(Exception):
+    """A refusal the API layer itself makes (body size, JSON, method)."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+def error_body(err: Exception) -> tuple[int, dict]:
+    """OpenAI's error shape and HTTP status for ``err``."""
+    if isinstance(err, HTTPError):
+        status, kind, code, param = err.status, "invalid_request_error", err.code, err.param
+    else:
+        status, kind, code, param = 500, "server_error", "internal_error", None
+        for cls, s, k, c in _ERRORS:
+            if isinstance(err, cls):
+                status, kind, code = s, k, c
+                break
+        if isinstance(err, InvalidRequest):
+            param = err.field
+    if status == 500 and not isinstance(err, ServingError):
+        message = f"internal error ({type(err).__name__}); the server log has the details"
+    else:
+        message = str(err)
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(err: Exception) -> JSONResponse:
+    status, body = error_body(err)
+    return JSONResponse(body, status_code=status)
+
+
+# ------------------------------------------------------------------------------------------
+# request fields
+
+
+class Fields:
+    """A JSON request body, read field by field; a wrong field raises ``InvalidRequest`` naming
+    it. Unknown fields are ignored, as OpenAI's own server does for clients newer than it."""
+
+    def __init__(self, body: object):
+        if not isinstance(body, dict):
+            raise InvalidRequest("body", "must be a JSON object")
+        self.body = body
+
+    def get(self, name: str, kinds: tuple[type, ...], default=None, *, what: str = ""):
+        value = self.body.get(name)
+        if value is None:  # absent, or null: OpenAI's clients send null for "not set"
+            return default
+        # bool is an int in Python; JSON true is never a number here
+        if isinstance(value, bool) and bool not in kinds:
+            raise InvalidRequest(name, f"must be {what or _kinds(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise InvalidRequest(name, f"must be {what or _kinds(kinds)}, got {_short(value)}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = float(self.get(name, (int, float), default))
+        if not low <= value <= high:
+            raise InvalidRequest(name, f"must be in [{low:g}, {high:g}], got {value:g}")
+        return value
+
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
+        value = self.get(name, (int,), default)
+        if value is not None and not low <= value <= high:
+            raise InvalidRequest(name, f"must be in [{low}, {high}], got {value}")
+        return value
+
+    def unsupported(self, name: str, neutral: Callable[[object], bool]) -> None:
+        """Refuse ``name`` unless absent or set to a value that changes nothing."""
+        value = self.body.get(name)
+        if value is not None and not neutral(value):
+            raise InvalidRequest(name, "is not supported by this server")
+
+
+def _kinds(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+    names.update({list: "an array", dict: "an object"})
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)[:40]
+    return f"{type(value).__name__} {text}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One generation of a request: its prompt ids and sampling."""
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    echo: tuple[int, ...] = ()  # prompt ids echoed before the completion (completions echo)
+
+
+# ------------------------------------------------------------------------------------------
+# the app
+
+
+class OpenAIApp:
+    """The HTTP side of one ``LoraServer``: reads its runtime once the model has loaded."""
+
+    def __init__(self, server):
+        self.server = server  # LoraServer: .servicer.front (None while loading), .draining
+        self.app = Starlette(
+            routes=[
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
+            ],
+            exception_handlers={404: self._not_found, 405: self._not_allowed},
+        )
+
+    # ---------------------------------------------------------------- plumbing
+
+    @property
+    def front(self) -> Frontend:
+        if getattr(self.server, "draining", False):
+            raise ShuttingDown("the server is draining; retry on another replica")
+        front = self.server.servicer.front
+        if front is None:
+            raise ShuttingDown("the model is still loading")
+        return front
+
+    @property
+    def base_name(self) -> str:
+        return self.server.served_model_name
+
+    async def _not_found(self, request: Request, exc) -> Response:
+        return error_response(HTTPError(404, f"no route {request.url.path}", "not_found"))
+
+    async def _not_allowed(self, request: Request, exc) -> Response:
+        return error_response(
+            HTTPError(405, f"{request.method} is not allowed on {request.url.path}", "method")
+        )
+
+    async def read_json(self, request: Request) -> Fields:
+        """The body, refused unread past ``MAX_BODY_BYTES`` (by its Content-Length, or as it
+        streams in), and parsed as one JSON object."""
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            raise HTTPError(413, f"the body is over {MAX_BODY_BYTES} bytes", "body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise HTTPError(413, f"the body is over {MAX_BODY_BYTES} bytes", "body_too_large")
+            chunks.append(chunk)
+        try:
+            return Fields(json.loads(b"".join(chunks)))
+        except (ValueError, RecursionError) as err:
+            raise HTTPError(400, f"the body is not valid JSON ({err})", "invalid_json") from None
+
+    def adapter_for(self, front: Frontend, model: str) -> str:
+        """The adapter ``model`` names ("" = the base model); raises ``AdapterNotFound``."""
+        if model == self.base_name:
+            return ""
+        Frontend.check_adapter_name(model, "model")
+        front.runtime.registry.resolve(model)
+        return model
+
+    async def _serve(
+        self,
+        request: Request,
+        method: str,
+        build: Callable,
+        respond: Callable,
+        stream: Callable,
+    ) -> Response:
+        """The shared part of both generation endpoints: parse, build the choices, then answer
+        in one response or as a stream; errors in OpenAI's shape; metrics and a log line."""
+        t0, adapter, code, streaming = time.monotonic(), "", "OK", False
+        try:
+            front = self.front
+            fields = await self.read_json(request)
+            model = fields.get("model", (str,))
+            if model is None:
+                raise InvalidRequest("model", "is required")
+            adapter = self.adapter_for(front, model)
+            choices, extra = await build(front, fields, adapter)
+            for c in choices:  # a bad field fails the request before anything is queued
+                try:
+                    front.runtime.engine.validate(_request(c, adapter))
+                except InvalidRequest as err:  # the engine's names for OpenAI's fields
+                    field = _FIELD_NAMES.get(err.field, err.field)
+                    raise InvalidRequest(field, str(err).split(": ", 1)[-1]) from None
+            if fields.get("stream", (bool,), False):
+                options = fields.get("stream_options", (dict,), {}) or {}
+                usage = bool(options.get("include_usage", False))
+                body = stream(front, model, adapter, choices, extra, usage)
+                streaming = True
+                return StreamingResponse(
+                    self._sse(body, method, adapter, t0), media_type="text/event-stream"
+                )
+            result = await _until_disconnect(
+                request, respond(front, model, adapter, choices, extra)
+            )
+            if result is None:  # the client left: its sequences were cancelled
+                code = "CANCELLED"
+                return Response(status_code=499)
+            return JSONResponse(result)
+        except Exception as err:
+            code = _code_name(err)
+            if code == "INTERNAL":
+                log.error("%s failed unexpectedly", method, exc_info=err)
+            return error_response(err)
+        finally:
+            if not streaming:  # a stream records itself when it ends
+                self._record(method, adapter, code, t0)
+
+    def _record(self, method: str, adapter: str, code: str, t0: float) -> None:
+        log.info("%s adapter=%r: %s in %.3fs", method, adapter[:128], code, time.monotonic() - t0)
+        front = self.server.servicer.front
+        if front is not None:
+            front.runtime.metrics.observe_request(adapter, method, code, time.monotonic() - t0)
+
+    async def _sse(self, body: AsyncIterator[dict], method: str, adapter: str, t0: float):
+        """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``. An error
+        after the headers went out is sent as an ``{"error": ...}`` event, as OpenAI does."""
+        code = "OK"
+        try:
+            async for chunk in body:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as err:
+            code = _code_name(err)
+            if code == "INTERNAL":
+                log.error("%s failed unexpectedly", method, exc_info=err)
+            yield f"data: {json.dumps(error_body(err)[1])}\n\n"
+        finally:
+            self._record(method, adapter, code, t0)
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------- endpoints
+
+    async def health(self, request: Request) -> Response:
+        try:
+            _ = self.front
+        except ShuttingDown as err:
+            return error_response(err)
+        return JSONResponse({"status": "ok"})
+
+    def _model_card(self, name: str, parent: str | None) -> dict:
+        card = {"id": name, "object": "model", "created": self.server.started, "owned_by": OWNER}
+        card.update(root=parent or name, parent=parent)
+        return card
+
+    async def models(self, request: Request) -> Response:
+        try:
+            front = self.front
+        except ShuttingDown as err:
+            return error_response(err)
+        cards = [self._model_card(self.base_name, None)]
+        for entry in front.runtime.registry.entries():
+            cards.append(self._model_card(entry.name, self.base_name))
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        try:
+            front = self.front
+            adapter = self.adapter_for(front, name)
+        except Exception as err:
+            return error_response(err)
+        return JSONResponse(self._model_card(name, self.base_name if adapter else None))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(
+            request,
+            "Completions",
+            self._completion_choices,
+            self._completion,
+            self._completion_stream,
+        )
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(
+            request, "ChatCompletions", self._chat_choices, self._chat, self._chat_stream
+        )
+
+    # ---------------------------------------------------------------- /v1/completions
+
+    async def _completion_choices(self, front: Frontend, f: Fields, adapter: str):
+        _refuse_unsupported(f)
+        f.unsupported("suffix", lambda v: v == "")
+        n = f.integer("n", 1, 1, MAX_N)
+        f.unsupported("best_of", lambda v: v == n)
+        echo = f.get("echo", (bool,), False)
+        logprobs = f.integer("logprobs", None, 0, MAX_LOGPROBS)
+        max_tokens = f.integer("max_tokens", DEFAULT_COMPLETION_TOKENS, 0, front.max_seq_len)
+        if max_tokens == 0 and not (echo and logprobs is not None):
+            raise InvalidRequest("max_tokens", "0 only with echo and logprobs (scoring a prompt)")
+        prompts = await self._prompts(front, f.body.get("prompt"))
+        params = self._sampling(f, max_tokens, logprobs)
+        if echo and logprobs is not None:
+            params = replace(params, prompt_logprobs=logprobs)
+        choices = []
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                seeded = params if params.seed is None else replace(params, seed=params.seed + j)
+                choices.append(Choice(p * n + j, tuple(ids), seeded, tuple(ids) if echo else ()))
+        return choices, None
+
+    async def _prompts(self, front: Frontend, prompt: object) -> list[list[int]]:
+        """OpenAI's four prompt forms: a string, strings, token ids, lists of token ids."""
+        if isinstance(prompt, str):
+            return [await front.tokenize(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if len(prompt) > MAX_PROMPTS and not all(isinstance(t, int) for t in prompt):
+                raise InvalidRequest("prompt", f"at most {MAX_PROMPTS} prompts per request")
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return [self._ids(front, prompt, "prompt")]
+            if all(isinstance(t, str) for t in prompt):
+                return [await front.tokenize(t, f"prompt[{i}]") for i, t in enumerate(prompt)]
+            if all(isinstance(t, list) for t in prompt):
+                return [self._ids(front, t, f"prompt[{i}]") for i, t in enumerate(prompt)]
+        raise InvalidRequest(
+            "prompt", "must be a non-empty string, array of strings, or array(s) of token ids"
+        )
+
+    @staticmethod
+    def _ids(front: Frontend, ids: list, field: str) -> list[int]:
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidRequest(field, "must be a non-empty array of token ids")
+        if len(ids) >= front.max_seq_len:
+            raise InvalidRequest(
+                field, f"{len(ids)} tokens does not fit max_seq_len {front.max_seq_len}"
+            )
+        return ids
+
+    async def _completion(self, front, model, adapter, choices, extra) -> dict:
+        results = await front.all_or_none(self._run(front, c, adapter) for c in choices)
+        out, usage = [], _Usage()
+        for c, (text, ids, logprobs, prompt_lp, finish) in zip(choices, results):
+            usage.add(finish, c)
+            echoed = front.tokenizer.decode(c.echo) if c.echo else ""
+            out.append(
+                {
+                    "index": c.index,
+                    "text": echoed + text,
+                    "logprobs": self._completion_logprobs(front, c, ids, logprobs, prompt_lp),
+                    "finish_reason": _finish(finish),
+                }
+            )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": out,
+            "usage": usage.body(),
+        }
+
+    def _completion_logprobs(self, front, c: Choice, ids, logprobs, prompt_lp) -> dict | None:
+        """The legacy ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset;
+        with echo, the prompt's tokens first (the first one has no log-probability)."""
+        if c.params.logprobs is None:
+            return None
+        text = front.token_text
+        tokens, values, tops, offsets, at = [], [], [], [], 0
+        entries: list[tuple[int, TokenLogprob | None]] = []
+        if c.echo:
+            entries.append((c.echo[0], None))
+            entries += [(v.token_id, v) for v in prompt_lp]
+        entries += [(v.token_id, v) for v in logprobs]
+        for token_id, v in entries:
+            piece = text(token_id)
+            tokens.append(piece)
+            offsets.append(at)
+            at += len(piece)
+            values.append(None if v is None else v.logprob)
+            tops.append(None if v is None else {text(i): lp for i, lp in v.top})
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    async def _completion_stream(self, front, model, adapter, choices, extra, usage):
+        base = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        total = _Usage()
+        for c in choices:  # echo: the prompt's text first
+            if c.echo:
+                choice = {"index": c.index, "text": front.tokenizer.decode(c.echo)}
+                choice.update(logprobs=None, finish_reason=None)
+                yield {**base, "choices": [choice], **({"usage": None} if usage else {})}
+        async for c, event in _merged(front, choices, adapter):
+            if isinstance(event, TokenEvent):
+                if event.prompt_logprobs is not None and not event.token_ids:
+                    continue  # an echoed prompt's log-probabilities: the whole response only
+                choice = {
+                    "index": c.index,
+                    "text": event.text,
+                    "logprobs": self._completion_logprobs(
+                        front, replace(c, echo=()), event.token_ids, event.logprobs or [], []
+                    ),
+                    "finish_reason": None,
+                }
+            else:
+                total.add(event, c)
+                choice = {"index": c.index, "text": "", "logprobs": None}
+                choice["finish_reason"] = _finish(event)
+            yield {**base, "choices": [choice], **({"usage": None} if usage else {})}
+        if usage:
+            yield {**base, "choices": [], "usage": total.body()}
+
+    # ---------------------------------------------------------------- /v1/chat/completions
+
+    async def _chat_choices(self, front: Frontend, f: Fields, adapter: str):
+        _refuse_unsupported(f)
+        f.unsupported("tools", lambda v: v == [])
+        f.unsupported("tool_choice", lambda v: v == "none")
+        f.unsupported("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
+        n = f.integer("n", 1, 1, MAX_N)
+        want = f.get("logprobs", (bool,), False)
+        top = f.integer("top_logprobs", None, 0, MAX_LOGPROBS)
+        if top is not None and not want:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
+        messages = _messages(f.get("messages", (list,), None))
+        add = f.get("add_generation_prompt", (bool,), True)
+        ids = await front.chat_ids(adapter, messages, add)
+        room = front.max_seq_len - len(ids)
+        limit = f.integer("max_completion_tokens", None, 1, front.max_seq_len)
+        if limit is None:
+            limit = f.integer("max_tokens", None, 1, front.max_seq_len)
+        max_tokens = limit if limit is not None else max(1, room)  # default: the rest of the row
+        params = self._sampling(f, max_tokens, (top or 0) if want else None)
+        choices = [
+            Choice(
+                j,
+                tuple(ids),
+                params if params.seed is None else replace(params, seed=params.seed + j),
+            )
+            for j in range(n)
+        ]
+        return choices, None
+
+    async def _chat(self, front, model, adapter, choices, extra) -> dict:
+        results = await front.all_or_none(self._run(front, c, adapter) for c in choices)
+        out, usage = [], _Usage()
+        for c, (text, _, logprobs, _, finish) in zip(choices, results):
+            usage.add(finish, c)
+            out.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self._chat_logprobs(front, c, logprobs),
+                    "finish_reason": _finish(finish),
+                }
+            )
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": out,
+            "usage": usage.body(),
+        }
+
+    def _chat_logprobs(self, front, c: Choice, values: list[TokenLogprob]) -> dict | None:
+        if c.params.logprobs is None:
+            return None
+        text = front.token_text
+
+        def entry(token_id: int, logprob: float) -> dict:
+            piece = text(token_id)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+        return {
+            "content": [
+                {**entry(v.token_id, v.logprob), "top_logprobs": [entry(i, lp) for i, lp in v.top]}
+                for v in values
+            ]
+        }
+
+    async def _chat_stream(self, front, model, adapter, choices, extra, usage):
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+        tail = {"usage": None} if usage else {}
+        for c in choices:  # the first chunk of every choice names the role
+            delta = {"role": "assistant", "content": ""}
+            choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            yield {**base, "choices": [choice], **tail}
+        total = _Usage()
+        async for c, event in _merged(front, choices, adapter):
+            if isinstance(event, TokenEvent):
+                if not (event.text or event.token_ids):
+                    continue
+                choice = {
+                    "index": c.index,
+                    "delta": {"content": event.text},
+                    "logprobs": self._chat_logprobs(front, c, event.logprobs or []),
+                    "finish_reason": None,
+                }
+            else:
+                total.add(event, c)
+                choice = {"index": c.index, "delta": {}, "logprobs": None}
+                choice["finish_reason"] = _finish(event)
+            yield {**base, "choices": [choice], **tail}
+        if usage:
+            yield {**base, "choices": [], "usage": total.body()}
+
+    # ---------------------------------------------------------------- shared
+
+    def _sampling(self, f: Fields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        stop = f.get("stop", (str, list), ())
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest("stop", "must be a string or an array of strings")
+        seed = f.get("seed", (int,), None)
+        if seed is not None and not 0 <= seed < 1 << 63:
+            raise InvalidRequest("seed", f"must be in [0, 2**63), got {seed}")
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            # OpenAI's default is 1 (sampling); 0 is greedy here as everywhere
+            temperature=f.number("temperature", 1.0, 0.0, 2.0),
+            top_p=_top_p(f),
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+        )
+
+    async def _run(self, front: Frontend, c: Choice, adapter: str):
+        """One choice to the end: (text, token ids, logprobs, prompt logprobs, finish event)."""
+        text, ids, logprobs, prompt, last = [], [], [], [], None
+        async for event in front.events(_request(c, adapter)):
+            if isinstance(event, TokenEvent):
+                text.append(event.text)
+                ids.extend(event.token_ids)
+                logprobs.extend(event.logprobs or ())
+                prompt.extend(event.prompt_logprobs or ())
+            else:
+                last = event
+        return "".join(text), ids, logprobs, prompt, last
+
+    # ---------------------------------------------------------------- serving
+
+    async def serve(self, host: str, port: int, tls: dict | None = None) -> int:
+        """Bind (now, so a taken port fails at start-up) and serve on this loop; returns the
+        port bound."""
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            sock.close()
+            raise OSError(
+                f"cannot listen on --http-port {port} ({host}): {err.strerror or err}"
+            ) from None
+        sock.listen(128)
+        sock.setblocking(False)
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=1,
+            **(tls or {}),
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        self._socket = sock
+        while not self._uvicorn.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()  # raises what stopped it
+        return sock.getsockname()[1]
+
+    async def stop(self) -> None:
+        if getattr(self, "_uvicorn", None) is not None:
+            self._uvicorn.should_exit = True
+            await self._task
+            self._socket.close()
+
+
+def tls_options(config) -> dict | None:
+    """uvicorn's TLS settings from the server's (``--tls-cert`` and friends)."""
+    if not config.tls_cert:
+        return None
+    options = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
+    if config.tls_client_ca:
+        options.update(ssl_ca_certs=str(config.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+_FIELD_NAMES = {
+    "params.max_new_tokens": "max_tokens",
+    "params.temperature": "temperature",
+    "params.top_p": "top_p",
+    "params.stop": "stop",
+    "params.logprobs": "logprobs",
+    "params.prompt_logprobs": "logprobs",
+}
+
+
+def _top_p(f: Fields) -> float:
+    value = f.number("top_p", 1.0, 0.0, 1.0)
+    if value == 0:
+        raise InvalidRequest("top_p", "must be in (0, 1], got 0")
+    return value
+
+
+def _refuse_unsupported(f: Fields) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        f.unsupported(name, lambda v: v == 0)
+    f.unsupported("logit_bias", lambda v: v == {})
+
+
+def _messages(raw: list | None) -> list[dict]:
+    """Chat messages with string content (text parts joined); other part types refused."""
+    if not raw:
+        raise InvalidRequest("messages", "is required and must be a non-empty array")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}]", "must be an object")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"):
+                    raise InvalidRequest(
+                        f"messages[{i}].content[{j}]", "only text parts are supported"
+                    )
+                parts.append(part.get("text"))
+            if not all(isinstance(p, str) for p in parts):
+                raise InvalidRequest(f"messages[{i}].content", "text parts need a string text")
+            content = "".join(parts)
+        elif content is None and m.get("role") == "assistant":
+            content = ""
+        out.append({"role": m.get("role"), "content": content})
+    return out
+
+
+def _request(c: Choice, adapter: str) -> GenerationRequest:
+    return GenerationRequest(c.prompt_ids, c.params, adapter)
+
+
+def _finish(event: FinishEvent) -> str:
+    return {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}.get(event.reason, "stop")
+
+
+def _code_name(err: Exception) -> str:
+    from loraserve.server.servicer import status_for
+
+    if isinstance(err, HTTPError):
+        return "INVALID_ARGUMENT"
+    return status_for(err).name
+
+
+class _Usage:
+    def __init__(self):
+        self.prompt = self.completion = 0
+        self._prompts: set[tuple[int, ...]] = set()
+
+    def add(self, event: FinishEvent, c: Choice) -> None:
+        # n choices of one prompt count its tokens once, as OpenAI bills them
+        if c.prompt_ids not in self._prompts or c.index == 0:
+            self._prompts.add(c.prompt_ids)
+            self.prompt += event.prompt_tokens
+        self.completion += event.completion_tokens
+
+    def body(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+async def _merged(front: Frontend, choices: list[Choice], adapter: str):
+    """Every choice's events as they come, tagged with their choice; cancels every choice when
+    the consumer stops early (the client disconnected)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(c: Choice) -> None:
+        try:
+            async for event in front.events(_request(c, adapter)):
+                await queue.put((c, event))
+        except Exception as err:
+            await queue.put((c, err))
+        finally:
+            await queue.put((c, done))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        left = len(tasks)
+        while left:
+            c, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield c, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnect(request: Request, work) -> dict | None:
+    """``await work``, unless the client disconnects first: then cancel it, return None."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()
+
+
+__all__ = ["OpenAIApp", "error_body", "tls_options"]
