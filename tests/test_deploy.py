@@ -779,3 +779,386 @@ def test_replicas_behind_haproxy_keep_adapter_affinity(tiny_llama, tmp_path):
             replica.stop()
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.log"))
         print(logs)  # shown by pytest only when the test fails
+
+
+# ------------------------------------------------------------------------------ Gateway API
+# Inference Extension: deploy/k8s/gateway, read as data; rendered when kubectl is installed
+
+GATEWAY = K8S / "gateway"
+# What the endpoint picker may read from a server's /metrics: loraserve's names, and with
+# --vllm-metrics the same series under vLLM's names.
+EPP_METRICS = {
+    "loraserve_waiting_requests",
+    "loraserve_running_requests",
+    "loraserve_kv_cache_usage_ratio",
+    "loraserve_lora_requests_info",
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:lora_requests_info",
+}
+# Plugin types the EPP v1.5.0 registers (cmd/epp/runner/runner.go, registerInTreePlugins), the
+# scheduling, data-layer, parser and saturation ones.
+EPP_PLUGIN_TYPES = {
+    "lora-affinity-scorer",
+    "queue-scorer",
+    "kv-cache-utilization-scorer",
+    "running-requests-size-scorer",
+    "prefix-cache-scorer",
+    "token-load-scorer",
+    "max-score-picker",
+    "random-picker",
+    "weighted-random-picker",
+    "single-profile-handler",
+    "metrics-data-source",
+    "core-metrics-extractor",
+    "openai-parser",
+    "utilization-detector",
+    "concurrency-detector",
+}
+# The EndpointPickerConfig's fields: the picker decodes it strictly, so any other key (e.g.
+# `data:` for `dataLayer:`) stops it at start-up.
+EPP_CONFIG_KEYS = {
+    "apiVersion",
+    "kind",
+    "plugins",
+    "schedulingProfiles",
+    "saturationDetector",
+    "dataLayer",
+    "flowControl",
+    "parser",
+    "featureGates",
+}
+# Metric-name flags the EPP refuses at start-up since v1.4 (pkg/epp/server/options.go,
+# Validate): the names go in the core-metrics-extractor's engineConfigs instead.
+EPP_REFUSED_FLAGS = {
+    "--total-queued-requests-metric",
+    "--total-running-requests-metric",
+    "--kv-cache-usage-percentage-metric",
+    "--lora-info-metric",
+    "--cache-info-metric",
+}
+# Server flags being added to the CLI alongside this component. Until parse_args knows them,
+# parse_gateway_server_args checks them against this list and parses the rest with the real CLI;
+# once it does, they parse like every other flag and this list no longer matters.
+PENDING_SERVER_FLAGS = {"--http-port", "--vllm-metrics"}
+
+
+def gateway_component() -> dict:
+    component = load_yaml(GATEWAY / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    return component
+
+
+def gateway_objects() -> dict[tuple[str, str], dict]:
+    """The component's objects, its generated ConfigMaps included (under their unhashed name)."""
+    component = gateway_component()
+    listed = set(component["resources"])
+    generated = {f for g in component["configMapGenerator"] for f in g["files"]}
+    on_disk = {p.name for p in GATEWAY.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed | generated == on_disk and not listed & generated, "every file used, once"
+    objects = {}
+    for resource in component["resources"]:
+        for doc in yaml.safe_load_all((GATEWAY / resource).read_text()):
+            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    for g in component["configMapGenerator"]:
+        data = {Path(f).name: (GATEWAY / f).read_text() for f in g["files"]}
+        objects[("ConfigMap", g["name"])] = {"metadata": {"name": g["name"]}, "data": data}
+    return objects
+
+
+def apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    """``doc`` with RFC 6902 ``add`` operations applied (the only kind the component uses)."""
+    doc = json.loads(json.dumps(doc))
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, last = op["path"].lstrip("/").split("/")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node.insert(len(node) if last == "-" else int(last), op["value"])
+        else:
+            node[last] = op["value"]
+    return doc
+
+
+def gateway_server_deployment() -> dict:
+    """deploy/k8s's server Deployment with the component's patches applied."""
+    deployment = k8s_objects()[("Deployment", "loraserve")]
+    for patch in gateway_component()["patches"]:
+        target = patch["target"]
+        assert (target["kind"], target["name"]) == ("Deployment", "loraserve"), target
+        deployment = apply_json_patch(deployment, yaml.safe_load(patch["patch"]))
+    return deployment
+
+
+def server_args(deployment: dict) -> list[str]:
+    """The server's flags: the CUDA image's ENTRYPOINT, then the Deployment's args, with
+    --threads=$(CPU_LIMIT) expanded as the kubelet would."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    cpu = str(container["resources"]["limits"]["cpu"])
+    return [a.replace("$(CPU_LIMIT)", cpu) for a in entrypoint(DEPLOY / "Dockerfile.cuda")] + [
+        a.replace("$(CPU_LIMIT)", cpu) for a in container["args"]
+    ]
+
+
+def parse_gateway_server_args(args: list[str]):
+    """parse_args(args), tolerating PENDING_SERVER_FLAGS (as ``--flag`` or ``--flag=value``)
+    while the CLI does not know them yet."""
+    try:
+        return parse_args(args)
+    except SystemExit:
+        # --http-port / --vllm-metrics are being added to the CLI concurrently: check them
+        # against the pending list and everything else with the real CLI
+        pending = [a for a in args if a.split("=", 1)[0] in PENDING_SERVER_FLAGS]
+        if not pending:
+            raise
+        return parse_args([a for a in args if a not in pending])
+
+
+def epp_config(objects: dict) -> dict:
+    """The EndpointPickerConfig the picker's --config-file names, through its volume."""
+    pod = objects[("Deployment", "loraserve-epp")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    path = Path(flag(container["args"], "--config-file"))
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    config_map = objects[("ConfigMap", volume["configMap"]["name"])]
+    return yaml.safe_load(config_map["data"][path.name])
+
+
+def test_gateway_inference_pool_selects_the_servers_on_their_http_port():
+    objects = gateway_objects()
+    deployment = gateway_server_deployment()
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    # every flag the component gives the server parses with the real CLI
+    args = server_args(deployment)
+    config = parse_gateway_server_args(args)
+    http_port = int(flag(args, "--http-port"))
+    if getattr(config, "http_port", None) is not None:  # parse_args knows --http-port
+        assert config.http_port == http_port
+    assert http_port == 8000
+    health_port = int(flag(args, "--health-port"))
+    assert ports == {
+        "grpc": config.port,
+        "health": health_port,
+        "metrics": config.metrics_port,
+        "http": http_port,
+    }
+    # only the component turns the HTTP API on: deploy/k8s stays as it was
+    base_args = server_args(k8s_objects()[("Deployment", "loraserve")])
+    assert not any(a.startswith("--http-port") for a in base_args)
+
+    pool = objects[("InferencePool", "loraserve")]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert selects(selector, labels)
+    assert pool["spec"]["targetPorts"] == [{"number": http_port}]
+    assert pool["spec"].get("appProtocol", "http") == "http"  # the OpenAI API, HTTP/1.1
+    # kustomize keeps the two selectors equal: it copies the Deployment's into the pool
+    (replacement,) = gateway_component()["replacements"]
+    assert replacement["source"] == {
+        "kind": "Deployment",
+        "name": "loraserve",
+        "fieldPath": "spec.selector.matchLabels",
+    }
+    (target,) = replacement["targets"]
+    assert target["select"] == {"kind": "InferencePool", "name": "loraserve"}
+    assert target["fieldPaths"] == ["spec.selector.matchLabels"]
+
+    # the endpoint picker: a Service (the default kind) whose port reaches its ext_proc port,
+    # and whose pods are not themselves members of the pool
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref.get("kind", "Service") == "Service" and ref.get("group", "") == ""
+    assert ref["failureMode"] in ("FailOpen", "FailClose")
+    service = objects[("Service", ref["name"])]
+    epp = objects[("Deployment", "loraserve-epp")]
+    epp_labels = epp["spec"]["template"]["metadata"]["labels"]
+    (epp_container,) = epp["spec"]["template"]["spec"]["containers"]
+    epp_ports = {p["name"]: p["containerPort"] for p in epp_container["ports"]}
+    assert selects(service["spec"]["selector"], epp_labels)
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert epp_ports[port["targetPort"]] == int(flag(epp_container["args"], "--grpc-port"))
+    assert not selects(selector, epp_labels)
+
+
+def test_endpoint_picker_names_the_pool_and_metrics_the_server_exports():
+    objects = gateway_objects()
+    epp = objects[("Deployment", "loraserve-epp")]
+    (container,) = epp["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert container["image"].startswith("registry.k8s.io/gateway-api-inference-extension/epp:v")
+
+    # the pool, in the picker's own namespace (Downward API)
+    assert ("InferencePool", flag(args, "--pool-name")) in objects
+    namespace = re.fullmatch(r"\$\((\w+)\)", flag(args, "--pool-namespace"))
+    env = {e["name"]: e for e in container["env"]}
+    assert env[namespace[1]]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+    # metrics: scraped on the server's metrics port (the pool's target port is the HTTP API);
+    # the metric names are in the config, since the flags for them stop the picker
+    server = parse_gateway_server_args(server_args(gateway_server_deployment()))
+    assert int(flag(args, "--model-server-metrics-port")) == server.metrics_port
+    assert {a.split("=", 1)[0] for a in args} & EPP_REFUSED_FLAGS == set()
+
+    # probes on the gRPC health port
+    health_port = int(flag(args, "--grpc-health-port"))
+    assert container["readinessProbe"]["grpc"]["port"] == health_port
+    assert container["livenessProbe"]["grpc"]["port"] == health_port
+    assert health_port in {p["containerPort"] for p in container["ports"]}
+
+    config = epp_config(objects)
+    assert config["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    assert config["kind"] == "EndpointPickerConfig"
+    assert set(config) <= EPP_CONFIG_KEYS, set(config) - EPP_CONFIG_KEYS
+    plugins = {p.get("name", p["type"]): p for p in config["plugins"]}
+    assert len(plugins) == len(config["plugins"]), "plugin names are unique"
+    unknown = {p["type"] for p in plugins.values()} - EPP_PLUGIN_TYPES
+    assert unknown == set(), f"plugin types the picker does not know: {unknown}"
+
+    # every reference names a plugin; a profile scores by LoRA affinity and picks
+    refs = [r["pluginRef"] for prof in config["schedulingProfiles"] for r in prof["plugins"]]
+    for source in config["dataLayer"]["sources"]:
+        refs += [source["pluginRef"], *(e["pluginRef"] for e in source["extractors"])]
+    assert set(refs) <= set(plugins), set(refs) - set(plugins)
+    assert any(
+        {"lora-affinity-scorer", "max-score-picker"}
+        <= {plugins[r["pluginRef"]]["type"] for r in prof["plugins"]}
+        for prof in config["schedulingProfiles"]
+    )
+
+    # the data layer scrapes /metrics over HTTP and maps loraserve's series with an engine
+    # config that is the default for unlabelled pods
+    (source,) = config["dataLayer"]["sources"]
+    assert plugins[source["pluginRef"]]["type"] == "metrics-data-source"
+    assert plugins[source["pluginRef"]].get("parameters", {}).get("path", "/metrics") == "/metrics"
+    (extractor,) = [plugins[e["pluginRef"]] for e in source["extractors"]]
+    assert extractor["type"] == "core-metrics-extractor"
+    params = extractor["parameters"]
+    (engine,) = [e for e in params["engineConfigs"] if e["name"] == params["defaultEngine"]]
+    specs = ["queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "loraSpec"]
+    families = {key: engine[key].split("{", 1)[0] for key in specs}
+    assert set(families.values()) <= EPP_METRICS, set(families.values()) - EPP_METRICS
+    assert families["loraSpec"].endswith("lora_requests_info")
+    assert families["kvUsageSpec"] in {"loraserve_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc"}
+
+
+def test_endpoint_picker_rbac_grants_what_it_watches():
+    objects = gateway_objects()
+    pod = objects[("Deployment", "loraserve-epp")]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    assert ("ServiceAccount", account) in objects
+    assert not {k for k, _ in objects} & {"ClusterRole", "ClusterRoleBinding"}, "namespaced only"
+
+    granted: set[tuple[str, str, str]] = set()
+    for (kind, _), binding in objects.items():
+        if kind != "RoleBinding":
+            continue
+        if {"kind": "ServiceAccount", "name": account} not in binding["subjects"]:
+            continue
+        assert binding["roleRef"]["kind"] == "Role"
+        role = objects[("Role", binding["roleRef"]["name"])]
+        for rule in role["rules"]:
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, "read-only"
+            granted |= {
+                (group, resource, verb)
+                for group in rule["apiGroups"]
+                for resource in rule["resources"]
+                for verb in rule["verbs"]
+            }
+    # the pool and its pods; the optional objects it watches whenever their CRDs are installed
+    for group, resource in [
+        ("", "pods"),
+        ("inference.networking.k8s.io", "inferencepools"),
+        ("inference.networking.x-k8s.io", "inferenceobjectives"),
+        ("inference.networking.x-k8s.io", "inferencemodelrewrites"),
+    ]:
+        for verb in ("get", "list", "watch"):
+            assert (group, resource, verb) in granted, (group, resource, verb)
+
+
+def test_httproute_sends_openai_requests_to_the_inference_pool():
+    objects = gateway_objects()
+    route = objects[("HTTPRoute", "loraserve")]
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    (parent,) = route["spec"]["parentRefs"]
+    assert parent.get("group", "gateway.networking.k8s.io") == "gateway.networking.k8s.io"
+    assert parent.get("kind", "Gateway") == "Gateway"
+    gateway = objects[("Gateway", parent["name"])]
+    assert any(listener["protocol"] == "HTTP" for listener in gateway["spec"]["listeners"])
+
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "loraserve"}
+    ]
+    assert ("InferencePool", "loraserve") in objects
+    (match,) = rule["matches"]
+    assert match["path"]["type"] == "PathPrefix"
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert path.startswith(match["path"]["value"])
+    assert rule["timeouts"]["request"]  # generations outlast proxies' default route timeouts
+
+
+def test_kustomize_renders_the_gateway_component(tmp_path):
+    kubectl = tool("kubectl")
+    # alone, the component refuses to build: no server Deployment to patch and select
+    assert run(kubectl, "kustomize", str(GATEWAY)).returncode != 0
+
+    # an overlay outside deploy/k8s, as deploy/README.md shows
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S, overlay)],
+        "components": [os.path.relpath(GATEWAY, overlay)],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = run(kubectl, "kustomize", str(overlay))
+    assert result.returncode == 0, result.stderr
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(result.stdout)}
+
+    # everything from both, the generated ConfigMap under a content-hashed name
+    (config_map,) = [k for k in rendered if k[0] == "ConfigMap"]
+    assert config_map[1].startswith("loraserve-epp-config-")
+    expected = set(k8s_objects()) | set(gateway_objects())
+    assert set(rendered) - {config_map} == expected - {("ConfigMap", "loraserve-epp-config")}
+
+    # kustomize's patch is the one the data tests above apply; the pool selects the servers
+    server = rendered[("Deployment", "loraserve")]
+    (container,) = server["spec"]["template"]["spec"]["containers"]
+    (patched,) = gateway_server_deployment()["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == patched["args"] and "--http-port=8000" in container["args"]
+    assert container["ports"] == patched["ports"]
+    pool = rendered[("InferencePool", "loraserve")]
+    assert pool["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+
+    # the picker mounts the renamed ConfigMap, whose file is the config the tests read
+    epp_pod = rendered[("Deployment", "loraserve-epp")]["spec"]["template"]["spec"]
+    names = {v["configMap"]["name"] for v in epp_pod["volumes"] if "configMap" in v}
+    assert names == {config_map[1]}
+    assert epp_config(rendered) == epp_config(gateway_objects())
+
+
+def test_endpoint_picker_metrics_are_on_a_real_servers_metrics_page(tiny_llama, tmp_path):
+    # EPP_METRICS, the names the picker config may use, against a running server's /metrics
+    # (the vllm: names go out with --vllm-metrics)
+    (tmp_path / "ads").mkdir()
+    config = serving_config(tiny_llama, tmp_path / "ads", metrics_port=0, vllm_metrics=True)
+    server = ServerThread(config)
+    try:
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        page = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.stop()
+    missing = EPP_METRICS - exported_series(page)
+    assert missing == set(), f"the picker config may name series the server lacks: {missing}"
+    # the LoRA series carries the labels the picker reads, and max_lora is the slot count
+    (labels,) = re.findall(r"^loraserve_lora_requests_info\{(.*)\} \S+$", page, re.M)
+    assert f'max_lora="{config.max_active_adapters}"' in labels
+    assert "running_lora_adapters=" in labels and "waiting_lora_adapters=" in labels
