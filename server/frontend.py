@@ -15,17 +15,32 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from loraserve.adapters.chat_template import ChatTemplate, ChatTemplateError
 from loraserve.adapters.format import NAME_RE
 from loraserve.adapters.tokenizer import UnencodableText
-from loraserve.server.engine import Event, FinishEvent, GenerationRequest
-from loraserve.server.errors import InvalidRequest, NoChatTemplate
+from loraserve.server.engine import (
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    RequestHandle,
+)
+from loraserve.server.errors import InvalidRequest, NoChatTemplate, ShuttingDown
 from loraserve.server.runtime import Runtime
 
 MAX_MESSAGES = 1024
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_CONTINUATIONS = 64  # per Score call
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A request the engine has queued, and the queue its events arrive on."""
+
+    handle: RequestHandle
+    events: asyncio.Queue
 
 
 class Frontend:
@@ -124,25 +139,39 @@ class Frontend:
 
     # ---------------------------------------------------------------- the engine
 
-    async def events(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Submit ``request`` and yield its events; the finish event's error is raised. Stopping
-        early cancels the request."""
+    def submit(self, request: GenerationRequest) -> Submitted:
+        """Queue ``request`` now (``QueueFull`` and the like raise here, before any response
+        has started); ``relay`` then yields its events."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         handle = self.runtime.engine.submit(
             request, on_event=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e)
         )
+        return Submitted(handle, queue)
+
+    async def relay(self, submitted: Submitted, strict: bool = True) -> AsyncIterator[Event]:
+        """A submitted request's events; the finish event's error is raised, and (``strict``)
+        so is a cancellation the caller did not ask for (the server stopped it while draining;
+        gRPC's Generate reports it as finish reason CANCELLED instead). Stopping early cancels
+        the request."""
         finished = False
         try:
             while not finished:
-                event = await queue.get()
+                event = await submitted.events.get()
                 finished = isinstance(event, FinishEvent)
                 if finished and event.error is not None:
                     raise event.error
+                if finished and strict and event.reason is FinishReason.CANCELLED:
+                    raise ShuttingDown("the server stopped this request (it is shutting down)")
                 yield event
         finally:
             if not finished:  # client cancel, deadline, or an error on our side
-                handle.cancel()
+                submitted.handle.cancel()
+
+    async def events(self, request: GenerationRequest, strict: bool = True) -> AsyncIterator[Event]:
+        """``submit`` then ``relay``."""
+        async for event in self.relay(self.submit(request), strict):
+            yield event
 
     @staticmethod
     async def all_or_none(coroutines) -> list:

@@ -19,7 +19,8 @@ Gateway API Inference Extension's LoRA-affinity scorer reads, and ``loraserve_ad
 does not show (it lists only adapters with requests in flight). With ``--vllm-metrics`` the
 first also goes out as ``vllm:lora_requests_info``, with ``vllm:num_requests_waiting``,
 ``vllm:num_requests_running`` and ``vllm:kv_cache_usage_perc``, for routers that read only
-vLLM's names. Adapter names there are capped like every ``adapter`` label.
+vLLM's names. The info series carries adapters' own names (at most ``max_adapter_labels`` of
+each list); ``loraserve_adapter_resident`` caps them like every ``adapter`` label.
 
 Besides the serving series: the process collector (RSS, CPU seconds, open fds, start time), the
 platform collector, and ``loraserve_build_info`` (version, model, device, dtype). The
@@ -99,7 +100,9 @@ class RouterCollector:
         self.state, self.label, self.vllm = state, label, vllm
 
     def names(self, adapters: frozenset[str]) -> str:
-        return ",".join(sorted({self.label(a) for a in adapters}))
+        """The adapters' own names (a router matches them against requests' ``model``, so a
+        capped label would mislead it), at most ``label.cap`` of them."""
+        return ",".join(sorted(adapters)[: self.label.cap])
 
     def collect(self):
         st = self.state()

@@ -125,7 +125,10 @@ class Fields:
         return value
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
-        value = float(self.get(name, (int, float), default))
+        try:
+            value = float(self.get(name, (int, float), default))
+        except OverflowError:  # a 400-digit integer
+            raise InvalidRequest(name, f"must be in [{low:g}, {high:g}]") from None
         if not low <= value <= high:
             raise InvalidRequest(name, f"must be in [{low:g}, {high:g}], got {value:g}")
         return value
@@ -162,6 +165,7 @@ class Choice:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     echo: tuple[int, ...] = ()  # prompt ids echoed before the completion (completions echo)
+    prompt_index: int = 0  # which of the request's prompts (its n choices share it)
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,7 +255,17 @@ class OpenAIApp:
                 raise InvalidRequest("model", "is required")
             adapter = self.adapter_for(front, model)
             choices, extra = await build(front, fields, adapter)
+            if len(choices) > front.runtime.config.max_queue:
+                raise InvalidRequest(
+                    "n",
+                    f"{len(choices)} choices (prompts x n) is more than this server queues at "
+                    f"once ({front.runtime.config.max_queue})",
+                )
+            checked = set()
             for c in choices:  # a bad field fails the request before anything is queued
+                if c.prompt_index in checked:
+                    continue  # the n choices of a prompt differ only in their seed
+                checked.add(c.prompt_index)
                 try:
                     front.runtime.engine.validate(_request(c, adapter))
                 except InvalidRequest as err:  # the engine's names for OpenAI's fields
@@ -260,7 +274,9 @@ class OpenAIApp:
             if fields.get("stream", (bool,), False):
                 options = fields.get("stream_options", (dict,), {}) or {}
                 usage = bool(options.get("include_usage", False))
-                body = stream(front, model, adapter, choices, extra, usage)
+                # queued before the 200 goes out: a full queue is still a 429
+                submitted = _submit_all(front, choices, adapter)
+                body = stream(front, model, adapter, submitted, extra, usage)
                 streaming = True
                 return StreamingResponse(
                     self._sse(body, method, adapter, t0), media_type="text/event-stream"
@@ -293,7 +309,7 @@ class OpenAIApp:
         code = "OK"
         try:
             async for chunk in body:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False)}\n\n"
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -367,13 +383,17 @@ class OpenAIApp:
             raise InvalidRequest("max_tokens", "0 only with echo and logprobs (scoring a prompt)")
         prompts = await self._prompts(front, f.body.get("prompt"))
         params = self._sampling(f, max_tokens, logprobs)
-        if echo and logprobs is not None:
-            params = replace(params, prompt_logprobs=logprobs)
+        streaming = f.get("stream", (bool,), False)
         choices = []
         for p, ids in enumerate(prompts):
             for j in range(n):
                 seeded = params if params.seed is None else replace(params, seed=params.seed + j)
-                choices.append(Choice(p * n + j, tuple(ids), seeded, tuple(ids) if echo else ()))
+                if echo and logprobs is not None and (j == 0 or streaming):
+                    # the n choices of a prompt share its log-probabilities: computed once
+                    # (a stream sends each choice's with its echo)
+                    seeded = replace(seeded, prompt_logprobs=logprobs)
+                echoed = tuple(ids) if echo else ()
+                choices.append(Choice(p * n + j, tuple(ids), seeded, echoed, prompt_index=p))
         return choices, None
 
     async def _prompts(self, front: Frontend, prompt: object) -> list[list[int]]:
@@ -405,15 +425,17 @@ class OpenAIApp:
 
     async def _completion(self, front, model, adapter, choices, extra) -> dict:
         results = await front.all_or_none(self._run(front, c, adapter) for c in choices)
+        shared = {c.prompt_index: r[3] for c, r in zip(choices, results) if r[3]}
         out, usage = [], _Usage()
-        for c, (text, ids, logprobs, prompt_lp, finish) in zip(choices, results):
+        for c, (text, _, logprobs, _, finish) in zip(choices, results):
             usage.add(finish, c)
             echoed = front.tokenizer.decode(c.echo) if c.echo else ""
+            entries = _echo_entries(c, shared.get(c.prompt_index, [])) + _entries(logprobs)
             out.append(
                 {
                     "index": c.index,
                     "text": echoed + text,
-                    "logprobs": self._completion_logprobs(front, c, ids, logprobs, prompt_lp),
+                    "logprobs": self._completion_logprobs(front, c, entries)[0],
                     "finish_reason": _finish(finish),
                 }
             )
@@ -426,62 +448,55 @@ class OpenAIApp:
             "usage": usage.body(),
         }
 
-    def _completion_logprobs(self, front, c: Choice, ids, logprobs, prompt_lp) -> dict | None:
-        """The legacy ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset;
-        with echo, the prompt's tokens first (the first one has no log-probability)."""
+    def _completion_logprobs(
+        self, front, c: Choice, entries: list[tuple[int, TokenLogprob | None]], at: int = 0
+    ) -> tuple[dict | None, int]:
+        """The legacy ``logprobs`` object (tokens, token_logprobs, top_logprobs, text_offset)
+        for ``entries`` (token id, its log-probability or None), offsets counted from ``at``;
+        and the offset after them (a stream continues from it)."""
         if c.params.logprobs is None:
-            return None
+            return None, at
         text = front.token_text
-        tokens, values, tops, offsets, at = [], [], [], [], 0
-        entries: list[tuple[int, TokenLogprob | None]] = []
-        if c.echo:
-            entries.append((c.echo[0], None))
-            entries += [(v.token_id, v) for v in prompt_lp]
-        entries += [(v.token_id, v) for v in logprobs]
+        tokens, values, tops, offsets = [], [], [], []
         for token_id, v in entries:
-            piece = text(token_id)
-            tokens.append(piece)
+            tokens.append(text(token_id))
             offsets.append(at)
-            at += len(piece)
+            at += len(front.tokenizer.decode([token_id]))  # as the text shows it
             values.append(None if v is None else v.logprob)
             tops.append(None if v is None else {text(i): lp for i, lp in v.top})
-        return {
-            "tokens": tokens,
-            "token_logprobs": values,
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
+        body = {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops}
+        return {**body, "text_offset": offsets}, at
 
-    async def _completion_stream(self, front, model, adapter, choices, extra, usage):
+    async def _completion_stream(self, front, model, adapter, submitted, extra, usage):
         base = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": model,
         }
-        total = _Usage()
-        for c in choices:  # echo: the prompt's text first
-            if c.echo:
-                choice = {"index": c.index, "text": front.tokenizer.decode(c.echo)}
-                choice.update(logprobs=None, finish_reason=None)
-                yield {**base, "choices": [choice], **({"usage": None} if usage else {})}
-        async for c, event in _merged(front, choices, adapter):
+        tail = {"usage": None} if usage else {}
+        total, offsets = _Usage(), {}
+
+        def chunk(c: Choice, text: str, entries, finish=None) -> dict:
+            logprobs, offsets[c.index] = self._completion_logprobs(
+                front, c, entries, offsets.get(c.index, 0)
+            )
+            choice = {"index": c.index, "text": text, "logprobs": logprobs}
+            return {**base, "choices": [{**choice, "finish_reason": finish}], **tail}
+
+        for c, _ in submitted:  # an echo without log-probabilities goes first
+            if c.echo and c.params.prompt_logprobs is None:
+                yield chunk(c, front.tokenizer.decode(c.echo), [])
+        async for c, event in _merged(front, submitted):
             if isinstance(event, TokenEvent):
-                if event.prompt_logprobs is not None and not event.token_ids:
-                    continue  # an echoed prompt's log-probabilities: the whole response only
-                choice = {
-                    "index": c.index,
-                    "text": event.text,
-                    "logprobs": self._completion_logprobs(
-                        front, replace(c, echo=()), event.token_ids, event.logprobs or [], []
-                    ),
-                    "finish_reason": None,
-                }
+                if event.prompt_logprobs is not None:  # the echo, with its log-probabilities
+                    text = front.tokenizer.decode(c.echo)
+                    yield chunk(c, text, _echo_entries(c, event.prompt_logprobs))
+                    continue
+                yield chunk(c, event.text, _entries(event.logprobs or []))
             else:
                 total.add(event, c)
-                choice = {"index": c.index, "text": "", "logprobs": None}
-                choice["finish_reason"] = _finish(event)
-            yield {**base, "choices": [choice], **({"usage": None} if usage else {})}
+                yield chunk(c, "", [], _finish(event))
         if usage:
             yield {**base, "choices": [], "usage": total.body()}
 
@@ -510,7 +525,7 @@ class OpenAIApp:
             Choice(
                 j,
                 tuple(ids),
-                params if params.seed is None else replace(params, seed=params.seed + j),
+                replace(params, seed=None if params.seed is None else params.seed + j),
             )
             for j in range(n)
         ]
@@ -554,7 +569,7 @@ class OpenAIApp:
             ]
         }
 
-    async def _chat_stream(self, front, model, adapter, choices, extra, usage):
+    async def _chat_stream(self, front, model, adapter, submitted, extra, usage):
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk",
@@ -562,12 +577,12 @@ class OpenAIApp:
             "model": model,
         }
         tail = {"usage": None} if usage else {}
-        for c in choices:  # the first chunk of every choice names the role
+        for c, _ in submitted:  # the first chunk of every choice names the role
             delta = {"role": "assistant", "content": ""}
             choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
             yield {**base, "choices": [choice], **tail}
         total = _Usage()
-        async for c, event in _merged(front, choices, adapter):
+        async for c, event in _merged(front, submitted):
             if isinstance(event, TokenEvent):
                 if not (event.text or event.token_ids):
                     continue
@@ -724,6 +739,15 @@ def _messages(raw: list | None) -> list[dict]:
     return out
 
 
+def _entries(values: list[TokenLogprob]) -> list[tuple[int, TokenLogprob | None]]:
+    return [(v.token_id, v) for v in values]
+
+
+def _echo_entries(c: Choice, prompt: list[TokenLogprob]) -> list[tuple[int, TokenLogprob | None]]:
+    """An echoed prompt's tokens: the first has no log-probability, the rest ``prompt``'s."""
+    return [(c.echo[0], None), *_entries(prompt)] if c.echo else []
+
+
 def _request(c: Choice, adapter: str) -> GenerationRequest:
     return GenerationRequest(c.prompt_ids, c.params, adapter)
 
@@ -741,14 +765,16 @@ def _code_name(err: Exception) -> str:
 
 
 class _Usage:
+    """Usage as OpenAI bills it: each prompt's tokens once, whatever ``n``; every choice's
+    completion tokens."""
+
     def __init__(self):
         self.prompt = self.completion = 0
-        self._prompts: set[tuple[int, ...]] = set()
+        self._prompts: set[int] = set()
 
     def add(self, event: FinishEvent, c: Choice) -> None:
-        # n choices of one prompt count its tokens once, as OpenAI bills them
-        if c.prompt_ids not in self._prompts or c.index == 0:
-            self._prompts.add(c.prompt_ids)
+        if c.prompt_index not in self._prompts:
+            self._prompts.add(c.prompt_index)
             self.prompt += event.prompt_tokens
         self.completion += event.completion_tokens
 
@@ -760,22 +786,35 @@ class _Usage:
         }
 
 
-async def _merged(front: Frontend, choices: list[Choice], adapter: str):
-    """Every choice's events as they come, tagged with their choice; cancels every choice when
-    the consumer stops early (the client disconnected)."""
+def _submit_all(front: Frontend, choices: list[Choice], adapter: str) -> list[tuple]:
+    """Queue every choice now, or none: a refusal cancels those already queued."""
+    submitted = []
+    try:
+        for c in choices:
+            submitted.append((c, front.submit(_request(c, adapter))))
+    except BaseException:
+        for _, s in submitted:
+            s.handle.cancel()
+        raise
+    return submitted
+
+
+async def _merged(front: Frontend, submitted: list[tuple]):
+    """Every submitted choice's events as they come, tagged with their choice; cancels every
+    choice when the consumer stops early (the client disconnected) or one fails."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(c: Choice) -> None:
+    async def pump(c: Choice, s) -> None:
         try:
-            async for event in front.events(_request(c, adapter)):
+            async for event in front.relay(s):
                 await queue.put((c, event))
         except Exception as err:
             await queue.put((c, err))
         finally:
             await queue.put((c, done))
 
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    tasks = [asyncio.create_task(pump(c, s)) for c, s in submitted]
     try:
         left = len(tasks)
         while left:
@@ -790,6 +829,8 @@ async def _merged(front: Frontend, choices: list[Choice], adapter: str):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for _, s in submitted:  # a pump cancelled before it began never cancels its request
+            s.handle.cancel()
 
 
 async def _until_disconnect(request: Request, work) -> dict | None:

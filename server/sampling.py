@@ -7,8 +7,9 @@ so a request with a seed gives the same tokens whatever else shares its batch.
 
 Log-probabilities (``logprobs`` = k >= 0): the chosen token's log-probability and the k most
 likely tokens', under the distribution the token was drawn from: for a sampled row the one
-after temperature, top-k and top-p (tokens they removed have -inf); for a greedy row the model's
-own ``log_softmax(logits)``. Computed in float32 from the same tensor the draw uses.
+after temperature, top-k and top-p (tokens they removed are left out of the alternatives); for
+a greedy row the model's own ``log_softmax(logits)``. Computed in float32 from the same tensor
+the draw uses.
 
 Isolation: a row fails alone. A row whose logits are not all finite (a broken adapter) or whose
 draw fails gets a ``ServingError`` in place of its token; every other row is sampled as usual.
@@ -18,6 +19,7 @@ Temperatures in (0, ``MIN_TEMPERATURE``) or infinite are refused when the reques
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -108,7 +110,8 @@ def token_logprob(logits: Tensor, token: int, k: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if k:
         values, ids = torch.topk(lp, min(k, lp.numel()))
-        top = tuple(zip(ids.tolist(), values.tolist()))
+        # tokens a filter removed (-inf) are no alternatives, and JSON cannot carry -inf
+        top = tuple((i, v) for i, v in zip(ids.tolist(), values.tolist()) if math.isfinite(v))
     return TokenLogprob(token, float(lp[token]), top)
 
 

@@ -168,7 +168,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     async def _complete(self, request, generation: GenerationRequest) -> pb.GenerateResponse:
         text, ids, logprobs, prompt, last = [], [], [], [], None
-        async for event in self.front.events(generation):
+        async for event in self.front.events(generation, strict=False):
             if isinstance(event, TokenEvent):
                 text.append(event.text)
                 ids.extend(event.token_ids)
@@ -185,7 +185,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         )
 
     async def _stream(self, request, generation: GenerationRequest):
-        async for event in self.front.events(generation):
+        async for event in self.front.events(generation, strict=False):
             if isinstance(event, TokenEvent):
                 yield pb.GenerateStreamResponse(
                     text=event.text,
@@ -249,8 +249,12 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         ]
         # all submitted before any is awaited: they prefill together, with everything else
         results = await self.front.all_or_none(self._prompt_logprobs(g) for g in generations)
-        scores = []
-        version = results[0][1]  # one adapter version for every continuation (all queued at once)
+        versions = {version for _, version in results}
+        if len(versions) > 1:  # an upgrade landed between two continuations' prefills
+            raise AdapterUnavailable(
+                request.adapter, "it was upgraded while the continuations were scored; retry"
+            )
+        scores, version = [], versions.pop()
         for c, (values, _) in zip(conts, results):
             tail = values[len(prompt) - 1 :]  # values[j] is token j + 1's
             scores.append(

@@ -219,14 +219,33 @@ def test_errors_have_openais_shape_and_status(api):
 
 
 def test_queue_full_is_429_and_draining_is_503(tmp_path):
+    from loraserve.v1 import inference_pb2 as pb
+
     model = chat_model(tmp_path / "m", SMOLLM2)
     (tmp_path / "a").mkdir()
-    server = ServerThread(serving_config(model, tmp_path / "a", http_port=0, max_queue=0))
+    config = serving_config(
+        model, tmp_path / "a", http_port=0, max_queue=1, max_batch_size=1, max_seq_len=200
+    )
+    server = ServerThread(config)
     base = f"http://127.0.0.1:{server.server.http_port}/v1"
     try:
-        with pytest.raises(openai.RateLimitError) as err:
-            client(base).completions.create(model="llama", prompt="hi", max_tokens=2)
-        assert err.value.body["code"] == "queue_full"  # the folder's name is the model's
+        stub = server.stub()
+        long = pb.SamplingParams(max_new_tokens=150)
+        running = stub.GenerateStream(pb.GenerateRequest(prompt="hi", params=long))
+        next(running)  # holds the only KV row ...
+        waiting = stub.Generate.future(pb.GenerateRequest(prompt="hi", params=long))
+        wait_for(lambda: server.runtime.engine.stats()["waiting"] == 1)  # ... and the queue
+        for stream in (False, True):  # a stream is refused before its 200 goes out
+            with pytest.raises(openai.RateLimitError) as err:
+                client(base).completions.create(
+                    model="llama", prompt="hi", max_tokens=2, stream=stream
+                )
+            assert err.value.body["code"] == "queue_full"  # the folder's name is the model's
+        with pytest.raises(openai.BadRequestError) as err:  # never fits the queue
+            client(base).completions.create(model="llama", prompt="hi", max_tokens=2, n=2)
+        assert err.value.body["param"] == "n"
+        running.cancel()
+        waiting.cancel()
     finally:
         server.server.draining = True
         try:
@@ -311,3 +330,43 @@ def test_the_readme_curl_lines_work(tmp_path):
     finally:
         server.stop()
     time.sleep(0)
+
+
+def test_usage_echo_streams_and_filtered_alternatives(api):
+    """Usage counts each prompt once whatever n (duplicates too), streamed or not; a streamed
+    echo carries its prompt's log-probabilities and offsets that run on; tokens top_p removed
+    are no alternatives (no -inf in the JSON)."""
+    _, base, _ = api
+    c = client(base)
+    kwargs = dict(model="smol", prompt=["hi", "hi"], max_tokens=3, n=2, temperature=0)
+    whole = c.completions.create(**kwargs)
+    one = c.completions.create(model="smol", prompt="hi", max_tokens=3, temperature=0)
+    assert whole.usage.prompt_tokens == 2 * one.usage.prompt_tokens
+    assert whole.usage.completion_tokens == 4 * one.usage.completion_tokens
+    chunks = list(
+        c.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    echo = dict(model="smol", prompt="The quick brown", max_tokens=4, temperature=0)
+    full = c.completions.create(**echo, echo=True, logprobs=2)
+    parts = list(c.completions.create(**echo, echo=True, logprobs=2, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == full.choices[0].text
+    tokens = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    offsets = [o for p in parts if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset]
+    assert tokens == full.choices[0].logprobs.tokens
+    assert offsets == full.choices[0].logprobs.text_offset
+
+    narrow = c.chat.completions.create(
+        model="smol",
+        messages=CONVERSATIONS[0],
+        max_tokens=4,
+        temperature=1.0,
+        top_p=0.01,
+        seed=3,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    for token in narrow.choices[0].logprobs.content:
+        assert 1 <= len(token.top_logprobs) < 5  # top_p kept only the likeliest few
