@@ -15,6 +15,7 @@ import torch
 from loraserve.adapters.format import write_adapter
 from loraserve.adapters.models import load_model
 from loraserve.adapters.models.gguf import (
+    LAYER_TENSORS,
     UnsupportedGGUF,
     gguf_folder,
     smollm2_gguf,
@@ -143,3 +144,98 @@ def test_the_server_serves_the_gguf_with_adapters(folder, hf, tmp_path):
         assert list(adapted.token_ids) == reference_greedy(folder, adapter, ids, 8)
     finally:
         server.stop()
+
+
+def write_gguf(hf_folder, path, vocab_extra: int = 0, quantize: bool = False) -> None:
+    """A tiny Llama checkpoint written as llama.cpp's converter would: its names, q/k rows
+    permuted, the byte-level tokenizer as "gpt2" metadata (``vocab_extra`` more tokens than the
+    model has embeddings, to make a mismatched file); Q8_0 for the 2-D weights when
+    ``quantize``."""
+    import json
+
+    import gguf
+    import safetensors.torch
+
+    config = json.loads((hf_folder / "config.json").read_text())
+    tok = json.loads((hf_folder / "tokenizer.json").read_text())
+    state = safetensors.torch.load_file(str(hf_folder / "model.safetensors"))
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def permute(w, n):  # convert_hf_to_gguf's permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv_: kv_[1])
+    added = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    tokens = [added.get(i, t) for t, i in vocab]
+    tokens += [f"<extra_{i}>" for i in range(config["vocab_size"] - len(tokens) + vocab_extra)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in added.values() else 1 for t in tokens])
+    merges = tok["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(tok["model"]["vocab"].get("<|endoftext|>", 0))
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {hf: name for name, hf in LAYER_TENSORS.items()}
+    for name, tensor in state.items():
+        w = tensor.float().numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}.{layer[rest]}"
+            if rest == "self_attn.q_proj.weight":
+                w = permute(w, heads)
+            elif rest == "self_attn.k_proj.weight":
+                w = permute(w, kv)
+        else:
+            gname = names[name]
+        if quantize and w.ndim == 2 and w.shape[1] % 32 == 0:
+            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gname, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tiny_llama(tmp_path):
+    """A tiny random Llama with the byte-level tokenizer (what "gpt2" GGUF vocabularies are)."""
+    from tests.checkpoints import byte_level_tokenizer, make_llama
+
+    folder = make_llama(tmp_path)
+    byte_level_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_a_written_gguf_round_trips_to_the_checkpoints_logits(tmp_path):
+    """A tiny checkpoint exported as llama.cpp does (names, permuted q/k) converts back to the
+    same logits: the un-permutation and the name mapping are exact; Q8_0 stays close."""
+    hf_folder = tiny_llama(tmp_path)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    want = load_model(hf_folder).model(ids)
+    for quantize, tol in ((False, 1e-5), (True, 0.15)):  # Q8_0: ~0.4% per weight
+        path = tmp_path / f"tiny-{quantize}.gguf"
+        write_gguf(hf_folder, path, quantize=quantize)
+        got = load_model(gguf_folder(path, cache=tmp_path / "cache")).model(ids)
+        assert (got - want).abs().max().item() < tol, quantize
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused(tmp_path):
+    hf_folder = tiny_llama(tmp_path)
+    path = tmp_path / "mismatch.gguf"
+    write_gguf(hf_folder, path, vocab_extra=3)
+    with pytest.raises(UnsupportedGGUF, match="tokenizer has .* tokens but the model only"):
+        gguf_folder(path, cache=tmp_path / "cache")

@@ -140,9 +140,16 @@ def convert(path: Path, out: Path) -> None:
         elif arch == "llama" and ".attn_k." in t.name:
             weights = unpermute(weights, config["num_key_value_heads"])
         state[name] = torch.from_numpy(np.array(weights, dtype=np.float32, order="C"))  # a copy
+    rows = int(state["model.embed_tokens.weight"].shape[0])
+    tokens = tok.tokenizer.get_vocab_size(with_added_tokens=True)
+    if tokens > rows:  # a token id past the embeddings would fail every request that meets it
+        raise UnsupportedGGUF(
+            f"{path}: its tokenizer has {tokens} tokens but the model only {rows} embeddings "
+            "(special tokens spelled outside the vocabulary get new ids, as transformers "
+            "reads the file)"
+        )
     config["tie_word_embeddings"] = "lm_head.weight" not in state
-    if config["tie_word_embeddings"]:
-        config["vocab_size"] = int(state["model.embed_tokens.weight"].shape[0])
+    config["vocab_size"] = rows
     config["bos_token_id"] = _token_id(tok.tokenizer, tok.bos_token)
     config["eos_token_id"] = list(tok.eos_token_ids) or None
     safetensors.torch.save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
