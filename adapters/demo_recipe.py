@@ -54,6 +54,7 @@ from loraserve.adapters.format import apply_adapter, read_adapter
 from loraserve.adapters.models import CausalLM, ModelConfig, build_model, load_model
 from loraserve.adapters.tokenizer import Tokenizer
 from loraserve.adapters.train import TrainConfig, TrainResult, greedy_complete, train
+from loraserve.adapters.train.config import RECOMMENDATIONS_FILE
 from torch import Tensor, nn
 
 # --------------------------------------------------------------------------------------------
@@ -320,10 +321,23 @@ def pretrain(
     return losses
 
 
+# What `loraserve-train --base demo` uses where its flags say nothing: a 0.8M-parameter model
+# learns a new string task in minutes with these, and not at all with PEFT's (lr 2e-4 on
+# attention alone). The adapters shipped here were trained with the recipe's own settings.
+TRAIN_SETTINGS = {
+    "targets": "all-linear",
+    "lr": 5e-3,
+    "batch_size": 32,
+    "epochs": 10,
+    "why": "a tiny character model learns with all-linear LoRA at a high learning rate",
+}
+
+
 def write_base(folder: Path, model: nn.Module, recipe: Recipe) -> None:
     """config.json + model.safetensors with Hugging Face's key names (ours are the same). The
     tied lm_head is left out, as transformers does."""
     _write_json(folder / "config.json", recipe.hf_config())
+    _write_json(folder / RECOMMENDATIONS_FILE, TRAIN_SETTINGS)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     del state["lm_head.weight"]  # tied to model.embed_tokens.weight
     file = folder / "model.safetensors"

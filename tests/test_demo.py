@@ -290,6 +290,7 @@ def test_the_whole_recipe_runs_and_rebuilds_the_same_bytes(tmp_path, capsys):
         )
     assert digests[0] == digests[1]
     base = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    base += ("loraserve_train.json",)
     expected = {f"base/{name}" for name in base}
     expected |= {f"adapters/{t}.safetensors" for t in ADAPTER_TASKS}
     expected |= {f"{d}/{t}.jsonl" for t in ADAPTER_TASKS for d in ("train", "eval")}

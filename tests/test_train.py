@@ -486,3 +486,108 @@ def test_trains_on_cuda_with_bf16_autocast(tiny_llama, data, tmp_path):
     assert all(w.A.dtype == torch.float32 for w in adapter.modules.values())
     loaded = load_model(tiny_llama)
     validate_adapter(adapter, linear_shapes(loaded.model), loaded.fingerprint)
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults that learn: the base's recommendations, what was chosen and why, a low-score warning
+
+
+def test_the_demo_base_recommends_settings_that_flags_override(data, tmp_path, capsys):
+    from loraserve.adapters.train.cli import parse_args
+
+    out = tmp_path / "a.safetensors"
+    config = parse_args(["--base", "demo", "--data", str(data), "--out", str(out)])
+    assert (config.targets, config.lr, config.batch_size, config.epochs) == (
+        "all-linear",
+        5e-3,
+        32,
+        10,
+    )
+    assert (config.rank, config.alpha) == (8, 16.0)  # not recommended: the defaults
+    err = capsys.readouterr().err
+    assert "targets all-linear (recommended by demo's loraserve_train.json: a tiny char" in err
+    assert "lr 0.005 (recommended by demo's loraserve_train.json)" in err
+    assert "rank 8 (default)" in err
+    given = parse_args(
+        ["--base", "demo", "--data", str(data), "--out", str(out), "--lr", "1e-3", "--quiet"]
+    )
+    assert given.lr == 1e-3 and given.epochs == 10
+    assert capsys.readouterr().err == ""  # --quiet: no settings line
+
+
+def test_a_base_without_recommendations_keeps_peft_like_defaults(tiny_llama, data, tmp_path):
+    from loraserve.adapters.train.cli import parse_args
+
+    config = parse_args(["--base", str(tiny_llama), "--data", str(data), "--out", "x.safetensors"])
+    assert (config.targets, config.lr, config.batch_size, config.epochs) == (None, 2e-4, 8, 3)
+    (tiny_llama / "loraserve_train.json").write_text('{"learning_rate": 1}')
+    try:
+        with pytest.raises(SystemExit):
+            parse_args(["--base", str(tiny_llama), "--data", str(data), "--out", "x.safetensors"])
+    finally:
+        (tiny_llama / "loraserve_train.json").unlink()
+
+
+def test_a_low_exact_match_at_the_end_says_what_to_try(tiny_llama, data, tmp_path, capsys):
+    code, _, err = cli(
+        capsys,
+        "--base", tiny_llama, "--data", data, "--eval-file", data, "--max-steps", "1",
+        "--out", tmp_path / "a.safetensors", "--quiet",
+    )  # fmt: skip
+    assert code == 0
+    assert "warning: eval exact match stayed at" in err and "--targets all-linear" in err
+
+
+def test_chat_records_train_on_the_last_assistant_turn_through_the_template(
+    tiny_llama, tmp_path, capsys
+):
+    """A conversation tokenizes as its prompt/completion twin on the demo (whose template makes
+    the last user message the prompt "word="): loss on the assistant's answer and EOS only.
+    A conversation without a final assistant message, or on a base with no template, fails by
+    line."""
+    from loraserve.adapters.chat_template import ChatTemplate
+    from loraserve.adapters.demo_paths import demo_base_dir
+    from loraserve.adapters.models import load_model
+    from loraserve.adapters.train.data import chat_records, load_records, tokenize_records
+
+    chat = tmp_path / "chat.jsonl"
+    pair = tmp_path / "pair.jsonl"
+    words = ["hello", "lora", "serve"]
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "something else"},
+                        {"role": "assistant", "content": "ignored"},
+                        {"role": "user", "content": w},
+                        {"role": "assistant", "content": w.upper()},
+                    ]
+                }
+            )
+            + "\n"
+            for w in words
+        )
+    )
+    pair.write_text(
+        "".join(json.dumps({"prompt": f"{w}=", "completion": w.upper()}) + "\n" for w in words)
+    )
+    demo = load_model(demo_base_dir())
+    template = ChatTemplate.from_folder(demo_base_dir())
+    ours = tokenize_records(chat_records(load_records(chat), template), demo.tokenizer, 64)
+    twins = tokenize_records(load_records(pair), demo.tokenizer, 64)
+    assert [(e.ids, e.start) for e in ours] == [(e.ids, e.start) for e in twins]
+
+    code, _, err = cli(
+        capsys, "--base", "demo", "--data", chat, "--eval-file", chat, "--max-steps", "2",
+        "--out", tmp_path / "chat.safetensors", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    code, _, err = cli(capsys, "--base", "demo", "--data", bad, "--out", tmp_path / "b.safetensors")
+    assert code == 2 and "bad.jsonl:1: the last message must be the assistant's" in err
+    code, _, err = cli(
+        capsys, "--base", tiny_llama, "--data", chat, "--out", tmp_path / "c.safetensors"
+    )
+    assert code == 2 and "chat.jsonl:1: a conversation, but the base has no chat template" in err

@@ -19,7 +19,7 @@ from pathlib import Path
 from loraserve.adapters.format import InvalidAdapter
 from loraserve.adapters.models import ModelLoadError, UnsupportedModel
 
-from .config import TrainConfig, TrainError
+from .config import RECOMMENDATIONS_FILE, TUNABLE, TrainConfig, TrainError, base_recommendations
 from .loop import train
 from .report import PROG
 
@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def add(group, flag: str, help: str, **kwargs) -> None:
-        default = fields[flag.removeprefix("--").replace("-", "_")].default
+        name = flag.removeprefix("--").replace("-", "_")
+        default = fields[name].default
+        if name in TUNABLE:  # unset: the base's recommendation, else the field's default
+            kwargs.setdefault("type", type(default) if default is not None else str)
+            help += f" (default: the base's {RECOMMENDATIONS_FILE}, else {default})"
+            group.add_argument(flag, help=help, default=argparse.SUPPRESS, **kwargs)
+            return
         if default is None or default is dataclasses.MISSING:
             default = argparse.SUPPRESS  # TrainConfig fills it in; the help says what it means
         if kwargs.get("action") is None and "type" not in kwargs and default is not SUPPRESS:
@@ -109,11 +115,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
     try:
-        return TrainConfig(**vars(args))
+        settings, sources = choose_settings(args)
+        config = TrainConfig(**args, **settings)
     except TrainError as e:
         parser.error(str(e))
+    if not config.quiet:
+        shown = ", ".join(f"{k} {_show(settings[k])} ({sources[k]})" for k in TUNABLE)
+        print(f"{PROG}: settings: {shown}", file=sys.stderr)
+    return config
+
+
+def choose_settings(args: dict) -> tuple[dict, dict]:
+    """The tunable settings the command line left unset, from the base's recommendations or
+    the defaults; and where each came from (given, the base's file, the default). Removes the
+    given ones from ``args``."""
+    base = args.get("base", TrainConfig.__dataclass_fields__["base"].default)
+    folder = base_folder(base)
+    recommended = base_recommendations(folder) if folder is not None else {}
+    why = recommended.pop("why", None)
+    settings, sources = {}, {}
+    for name in TUNABLE:
+        if name in args:
+            settings[name], sources[name] = args.pop(name), "given"
+        elif name in recommended:
+            settings[name] = recommended[name]
+            sources[name] = f"recommended by {base}'s {RECOMMENDATIONS_FILE}"
+            if why:
+                sources[name] += f": {why}"
+                why = None  # said once
+        else:
+            settings[name] = TrainConfig.__dataclass_fields__[name].default
+            sources[name] = "default"
+    return settings, sources
+
+
+def base_folder(base: str) -> Path | None:
+    from loraserve.adapters.demo_paths import demo_base_dir
+
+    folder = demo_base_dir() if base == "demo" else Path(base)
+    return folder if folder.is_dir() else None
+
+
+def _show(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(value)
+    return (
+        "the model's attention projections"
+        if value is None
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -118,6 +118,36 @@ class TrainConfig:
         return _jsonable(asdict(self))
 
 
+# Settings a base model folder may recommend for its adapters (RECOMMENDATIONS_FILE), used
+# where the command line does not set them. Real models keep PEFT-like defaults (the fields'
+# own); a tiny model such as the demo learns nothing in a few epochs at lr 2e-4 on attention
+# alone, and says so in its folder.
+TUNABLE = ("rank", "alpha", "targets", "lr", "batch_size", "epochs")
+RECOMMENDATIONS_FILE = "loraserve_train.json"
+MAX_RECOMMENDATIONS_BYTES = 64 << 10
+LOW_EXACT_MATCH = 0.5  # below it at the end of a run, the trainer says what to try
+
+
+def base_recommendations(folder: Path) -> dict:
+    """The settings ``folder/RECOMMENDATIONS_FILE`` recommends (``{}`` without one); its
+    ``"why"`` string is kept for the report. Raises ``TrainError`` for a bad file."""
+    path = Path(folder) / RECOMMENDATIONS_FILE
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_RECOMMENDATIONS_BYTES:
+        raise TrainError(f"{path}: over {MAX_RECOMMENDATIONS_BYTES} bytes")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise TrainError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"{path}: must be a JSON object")
+    unknown = set(data) - set(TUNABLE) - {"why"}
+    if unknown:
+        raise TrainError(f"{path}: unknown settings {sorted(unknown)}; allowed: {TUNABLE}")
+    return data
+
+
 def parse_targets(targets: str | Sequence[str] | None) -> tuple[str, ...] | str | None:
     """``"q_proj,v_proj"`` or a sequence -> ``("q_proj", "v_proj")``; "all-linear" stays a str."""
     if targets is None or targets == ALL_LINEAR:

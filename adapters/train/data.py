@@ -1,8 +1,14 @@
 """Training data: JSONL records -> tokenized examples -> padded micro-batches.
 
 - JSON Lines, one record per line (blank lines skipped, other keys ignored), either
-  ``{"prompt": str, "completion": str}`` or ``{"text": str}``; the first bad line raises
-  ``TrainError`` naming ``FILE:LINE``.
+  ``{"prompt": str, "completion": str}``, ``{"text": str}``, or a conversation
+  ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant message; the first bad
+  line raises ``TrainError`` naming ``FILE:LINE``.
+- A conversation is rendered with the base's chat template (``chat_records``): the prompt is
+  everything before the last assistant message with the template's cue for the assistant's
+  turn, the completion is that message (the loss is on it and the EOS that ends the turn;
+  earlier assistant turns are context), and the prompt is tokenized without special tokens,
+  as transformers' ``apply_chat_template`` does (the template writes them).
 - Tokens are ``encode(prompt) + encode(completion, add_special_tokens=False) + [eos]``; the loss
   is on the completion tokens and that EOS only (a text record: every token). A record longer
   than ``max_len`` is cut at the end with a warning (``on_long="truncate"``, the default) or
@@ -36,6 +42,8 @@ class Record:
     where: str  # "FILE:LINE", for messages
     completion: str
     prompt: str | None = None
+    messages: tuple[dict, ...] | None = None  # a conversation, until ``chat_records`` renders it
+    templated: bool = False  # the prompt is a rendered chat template: no special tokens added
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,11 @@ def load_records(path: Path) -> list[Record]:
 
 
 def _parse_record(obj, where: str) -> Record:
-    forms = '{"prompt": ..., "completion": ...} or {"text": ...}'
+    forms = '{"prompt": ..., "completion": ...}, {"text": ...} or {"messages": [...]}'
     if not isinstance(obj, dict):
         raise TrainError(f"{where}: expected a JSON object {forms}, got {type(obj).__name__}")
+    if "messages" in obj:
+        return _parse_conversation(obj["messages"], where)
     has_pair = "prompt" in obj or "completion" in obj
     if "text" in obj and has_pair:
         raise TrainError(f'{where}: has both "text" and "prompt"/"completion"; use one form')
@@ -91,6 +101,43 @@ def _parse_record(obj, where: str) -> Record:
         raise TrainError(f"{where}: expected {forms}; the record's keys are: {keys}")
     prompt = _string_field(obj, "prompt", where)
     return Record(where, _string_field(obj, "completion", where), prompt)
+
+
+def _parse_conversation(messages, where: str) -> Record:
+    if not isinstance(messages, list) or not messages:
+        raise TrainError(f'{where}: "messages" must be a non-empty list')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TrainError(f'{where}: messages[{i}] needs a "role" string')
+        if not isinstance(m.get("content"), str):
+            raise TrainError(f'{where}: messages[{i}] needs a "content" string')
+    if messages[-1]["role"] != "assistant":
+        raise TrainError(f"{where}: the last message must be the assistant's (what to learn)")
+    clean = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    return Record(where, clean[-1]["content"], messages=clean)
+
+
+def chat_records(records: Sequence[Record], template) -> list[Record]:
+    """Conversations rendered with ``template`` (a ``ChatTemplate``; None: the base has none)
+    into prompt/completion records; other records unchanged."""
+    from loraserve.adapters.chat_template import ChatTemplateError
+
+    out = []
+    for r in records:
+        if r.messages is None:
+            out.append(r)
+            continue
+        if template is None:
+            raise TrainError(
+                f"{r.where}: a conversation, but the base has no chat template "
+                "(chat_template.jinja or tokenizer_config.json's chat_template)"
+            )
+        try:
+            prompt = template.render(list(r.messages[:-1]), add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise TrainError(f"{r.where}: the base's chat template refused it: {e}") from None
+        out.append(Record(r.where, r.completion, prompt, templated=True))
+    return out
 
 
 def _string_field(obj: dict, key: str, where: str) -> str:
@@ -138,7 +185,7 @@ def tokenize_records(
         if record.prompt is None:
             prompt, completion = [], tokenizer.encode(record.completion)
         else:
-            prompt = tokenizer.encode(record.prompt)
+            prompt = tokenizer.encode(record.prompt, add_special_tokens=not record.templated)
             completion = tokenizer.encode(record.completion, add_special_tokens=False)
         ids = [*prompt, *completion, eos]
         if len(ids) > max_len:

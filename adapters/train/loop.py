@@ -27,13 +27,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from loraserve.adapters.chat_template import ChatTemplate, ChatTemplateError
 from loraserve.adapters.lora import lora_parameters
 from torch import nn
 from tqdm import tqdm
 
 from .checkpoints import CHECKPOINT_FORMAT, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import Batch, batches, load_data, tokenize_records, total_steps
+from .config import TrainConfig, TrainError
+from .data import Batch, batches, chat_records, load_data, tokenize_records, total_steps
 from .device import resolve_device
 from .evaluate import evaluation
 from .loss import batch_loss
@@ -110,6 +111,17 @@ def setup(config: TrainConfig) -> Run:
     records, eval_records = load_data(config)
     loaded = load_base(config.base, train_device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if any(r.messages is not None for r in [*records, *eval_records]):
+        try:
+            template = ChatTemplate.from_folder(loaded.path)
+        except ChatTemplateError as e:
+            raise TrainError(
+                f"{loaded.path}: the base's chat template cannot be used: {e}"
+            ) from None
+        records, eval_records = (
+            chat_records(records, template),
+            chat_records(eval_records, template),
+        )
     max_len = min(config.max_len, model.config.max_position_embeddings)
     train_set = tokenize_records(records, tokenizer, max_len, config.on_long, str(config.data))
     eval_set = []

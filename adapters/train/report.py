@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import LOW_EXACT_MATCH, TrainConfig
 from .model import count_parameters
 
 if TYPE_CHECKING:
@@ -39,6 +39,12 @@ def _report_start(run: Run) -> None:
 
 
 def _summary(config: TrainConfig, r: TrainResult) -> None:
+    if r.eval_exact_match is not None and r.eval_exact_match < LOW_EXACT_MATCH:
+        _warn(  # a warning: shown even with --quiet
+            f"eval exact match stayed at {r.eval_exact_match:.1%}; the adapter has not learned "
+            "the task yet: try more --epochs, a higher --lr, --targets all-linear, or a larger "
+            "--batch-size (the settings line at the start says where each value came from)"
+        )
     if config.quiet:
         return
     lines = [
