@@ -28,6 +28,7 @@ from loraserve.client.types import (
     Score,
     ServerInfo,
     StreamChunk,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Score",
     "ServerInfo",
     "StreamChunk",
+    "TokenLogprob",
     "UnavailableError",
     "error_from_rpc",
 ]

@@ -179,11 +179,15 @@ class Calls:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Completion:
         """Generate a whole completion with ``adapter`` ("" = the base model)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        params = SamplingParams(
+            max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+        )
         request = generate_request(prompt, adapter, params, request_id)
         return Call("Generate", request, adapter_metadata(adapter), Completion.from_pb, timeout)
 
@@ -198,13 +202,17 @@ class Calls:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Generator[StreamChunk, None, None] | AsyncGenerator[StreamChunk, None]:
         """Generate a completion chunk by chunk (``for``, or ``async for`` on the async client);
         the RPC starts with the first chunk asked for. Leaving the loop early, ``close()`` or
         ``aclose()`` cancels the RPC."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        params = SamplingParams(
+            max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+        )
         request = generate_request(prompt, adapter, params, request_id)
         metadata = adapter_metadata(adapter)
         return Call("GenerateStream", request, metadata, StreamChunk.from_pb, timeout)
@@ -221,6 +229,8 @@ class Calls:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Completion:
@@ -229,7 +239,9 @@ class Calls:
         request = chat_request(
             messages,
             adapter,
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop),
+            SamplingParams(
+                max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+            ),
             request_id,
             add_generation_prompt,
         )
@@ -247,6 +259,8 @@ class Calls:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Generator[StreamChunk, None, None] | AsyncGenerator[StreamChunk, None]:
@@ -254,7 +268,9 @@ class Calls:
         request = chat_request(
             messages,
             adapter,
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop),
+            SamplingParams(
+                max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+            ),
             request_id,
             add_generation_prompt,
         )

@@ -60,6 +60,8 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # set: each generated token's log-probability + k likeliest
+    prompt_logprobs: int | None = None  # set: the same for the prompt's tokens
 
     def __post_init__(self):
         # A lone string is one stop string, not a sequence of one-character ones.
@@ -74,9 +76,31 @@ class SamplingParams:
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            "logprobs": self.logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
         }
         given = {name: value for name, value in fields.items() if value is not None}
         return pb.SamplingParams(stop=list(self.stop), **given)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the likeliest tokens at its position: ``top`` holds
+    ``(token_id, token, logprob)``, likeliest first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+    @classmethod
+    def from_pb(cls, msg: pb.TokenLogprob) -> TokenLogprob:
+        top = tuple((t.token_id, t.token, t.logprob) for t in msg.top)
+        return cls(msg.token_id, msg.token, msg.logprob, top)
+
+
+def _logprobs(values) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob.from_pb(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,8 @@ class Completion:
     adapter: str  # "" = the base model
     adapter_version: str  # content hash of the adapter file that served it
     request_id: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 2..n, when asked for
 
     @classmethod
     def from_pb(cls, msg: pb.GenerateResponse) -> Completion:
@@ -103,6 +129,8 @@ class Completion:
             adapter=msg.adapter,
             adapter_version=msg.adapter_version,
             request_id=msg.request_id,
+            logprobs=_logprobs(msg.logprobs),
+            prompt_logprobs=_logprobs(msg.prompt_logprobs),
         )
 
 
@@ -136,6 +164,8 @@ class StreamChunk:
     adapter: str = ""
     adapter_version: str = ""
     request_id: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def is_last(self) -> bool:
@@ -154,6 +184,8 @@ class StreamChunk:
             adapter=msg.adapter,
             adapter_version=msg.adapter_version,
             request_id=msg.request_id,
+            logprobs=_logprobs(msg.logprobs),
+            prompt_logprobs=_logprobs(msg.prompt_logprobs),
         )
 
 

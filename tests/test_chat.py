@@ -399,3 +399,29 @@ def test_single_file_templates_and_broken_ones(tmp_path):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         server.stop()
+
+
+def test_the_typed_client_returns_logprobs(served):
+    """LoraClient.generate/chat/stream with logprobs: typed, one per token, equal to the
+    raw response's."""
+    from loraserve.client import LoraClient, TokenLogprob
+
+    _, _, server = served
+    raw = server.stub().Generate(
+        pb.GenerateRequest(
+            prompt="The quick",
+            params=pb.SamplingParams(max_new_tokens=5, logprobs=2, prompt_logprobs=1),
+        )
+    )
+    with LoraClient(server.target) as client:
+        got = client.generate("The quick", max_new_tokens=5, logprobs=2, prompt_logprobs=1)
+        assert all(isinstance(v, TokenLogprob) for v in got.logprobs)
+        assert [(v.token_id, v.logprob) for v in got.logprobs] == [
+            (v.token_id, v.logprob) for v in raw.logprobs
+        ]
+        assert len(got.prompt_logprobs) == len(raw.prompt_logprobs) > 0
+        assert all(len(v.top) == 2 and v.top[0][0] == v.token_id for v in got.logprobs)
+        chunks = list(client.stream("The quick", max_new_tokens=5, logprobs=0))
+        assert [v.token_id for c in chunks for v in c.logprobs] == list(got.token_ids)
+        chat = client.chat(CONVERSATIONS[0], max_new_tokens=3, logprobs=1)
+        assert len(chat.logprobs) == len(chat.token_ids)
