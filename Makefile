@@ -43,9 +43,10 @@ install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
 
 # Real peers the tests talk to: Prometheus (and promtool) scrape /metrics and check the alert
-# rules, HAProxy checks the shipped balancer config, openssl makes test certificates. Installed
-# with apt when missing and we are root; otherwise one line says what to run.
-PEER_PACKAGES := prometheus:prometheus promtool:prometheus haproxy:haproxy openssl:openssl
+# rules, HAProxy checks the shipped balancer config, openssl makes test certificates, curl runs
+# the README's API calls. Installed with apt when missing and we are root; otherwise one line
+# says what to run.
+PEER_PACKAGES := prometheus:prometheus promtool:prometheus haproxy:haproxy openssl:openssl curl:curl
 peers:
 	@need=""; for pair in $(PEER_PACKAGES); do \
 		command -v $${pair%%:*} >/dev/null || need="$$need $${pair##*:}"; done; \

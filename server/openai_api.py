@@ -43,6 +43,7 @@ from loraserve.server.errors import (
 )
 from loraserve.server.frontend import Frontend
 from loraserve.server.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from loraserve.server.servicer import status_for
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -254,7 +255,7 @@ class OpenAIApp:
             if model is None:
                 raise InvalidRequest("model", "is required")
             adapter = self.adapter_for(front, model)
-            choices, extra = await build(front, fields, adapter)
+            choices = await build(front, fields, adapter)
             if len(choices) > front.runtime.config.max_queue:
                 raise InvalidRequest(
                     "n",
@@ -276,14 +277,12 @@ class OpenAIApp:
                 usage = bool(options.get("include_usage", False))
                 # queued before the 200 goes out: a full queue is still a 429
                 submitted = _submit_all(front, choices, adapter)
-                body = stream(front, model, adapter, submitted, extra, usage)
+                body = stream(front, model, adapter, submitted, usage)
                 streaming = True
                 return StreamingResponse(
                     self._sse(body, method, adapter, t0), media_type="text/event-stream"
                 )
-            result = await _until_disconnect(
-                request, respond(front, model, adapter, choices, extra)
-            )
+            result = await _until_disconnect(request, respond(front, model, adapter, choices))
             if result is None:  # the client left: its sequences were cancelled
                 code = "CANCELLED"
                 return Response(status_code=499)
@@ -394,7 +393,7 @@ class OpenAIApp:
                     seeded = replace(seeded, prompt_logprobs=logprobs)
                 echoed = tuple(ids) if echo else ()
                 choices.append(Choice(p * n + j, tuple(ids), seeded, echoed, prompt_index=p))
-        return choices, None
+        return choices
 
     async def _prompts(self, front: Frontend, prompt: object) -> list[list[int]]:
         """OpenAI's four prompt forms: a string, strings, token ids, lists of token ids."""
@@ -423,7 +422,7 @@ class OpenAIApp:
             )
         return ids
 
-    async def _completion(self, front, model, adapter, choices, extra) -> dict:
+    async def _completion(self, front, model, adapter, choices) -> dict:
         results = await front.all_or_none(self._run(front, c, adapter) for c in choices)
         shared = {c.prompt_index: r[3] for c, r in zip(choices, results) if r[3]}
         out, usage = [], _Usage()
@@ -439,14 +438,7 @@ class OpenAIApp:
                     "finish_reason": _finish(finish),
                 }
             )
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": out,
-            "usage": usage.body(),
-        }
+        return {**_head("cmpl", "text_completion", model), "choices": out, "usage": usage.body()}
 
     def _completion_logprobs(
         self, front, c: Choice, entries: list[tuple[int, TokenLogprob | None]], at: int = 0
@@ -467,13 +459,8 @@ class OpenAIApp:
         body = {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops}
         return {**body, "text_offset": offsets}, at
 
-    async def _completion_stream(self, front, model, adapter, submitted, extra, usage):
-        base = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-        }
+    async def _completion_stream(self, front, model, adapter, submitted, usage):
+        base = _head("cmpl", "text_completion", model)
         tail = {"usage": None} if usage else {}
         total, offsets = _Usage(), {}
 
@@ -529,9 +516,9 @@ class OpenAIApp:
             )
             for j in range(n)
         ]
-        return choices, None
+        return choices
 
-    async def _chat(self, front, model, adapter, choices, extra) -> dict:
+    async def _chat(self, front, model, adapter, choices) -> dict:
         results = await front.all_or_none(self._run(front, c, adapter) for c in choices)
         out, usage = [], _Usage()
         for c, (text, _, logprobs, _, finish) in zip(choices, results):
@@ -545,10 +532,7 @@ class OpenAIApp:
                 }
             )
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
+            **_head("chatcmpl", "chat.completion", model),
             "choices": out,
             "usage": usage.body(),
         }
@@ -569,13 +553,8 @@ class OpenAIApp:
             ]
         }
 
-    async def _chat_stream(self, front, model, adapter, submitted, extra, usage):
-        base = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-        }
+    async def _chat_stream(self, front, model, adapter, submitted, usage):
+        base = _head("chatcmpl", "chat.completion.chunk", model)
         tail = {"usage": None} if usage else {}
         for c, _ in submitted:  # the first chunk of every choice names the role
             delta = {"role": "assistant", "content": ""}
@@ -748,6 +727,16 @@ def _echo_entries(c: Choice, prompt: list[TokenLogprob]) -> list[tuple[int, Toke
     return [(c.echo[0], None), *_entries(prompt)] if c.echo else []
 
 
+def _head(prefix: str, kind: str, model: str) -> dict:
+    """The fields every response and chunk starts with: a fresh id, its object type, when."""
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
 def _request(c: Choice, adapter: str) -> GenerationRequest:
     return GenerationRequest(c.prompt_ids, c.params, adapter)
 
@@ -757,8 +746,7 @@ def _finish(event: FinishEvent) -> str:
 
 
 def _code_name(err: Exception) -> str:
-    from loraserve.server.servicer import status_for
-
+    """The status name the request metrics record (gRPC's, for both APIs)."""
     if isinstance(err, HTTPError):
         return "INVALID_ARGUMENT"
     return status_for(err).name

@@ -29,7 +29,6 @@ from loraserve.adapters.chat_template import ChatTemplate, ChatTemplateError
 from loraserve.adapters.demo_paths import demo_adapters_dir, demo_base_dir
 from loraserve.adapters.format import (
     Adapter,
-    InvalidAdapterConfig,
     WeightsOutOfRange,
     validate_adapter,
 )
@@ -322,13 +321,6 @@ class Runtime:
                     f"adapter {adapter.name!r}: {module}'s B times its scale {w.scale:g} reaches "
                     f"{folded:.3g}, over {str(self.dtype).removeprefix('torch.')}'s largest value"
                 )
-        if adapter.chat_template is not None:
-            try:
-                ChatTemplate(adapter.chat_template).check()
-            except ChatTemplateError as err:
-                raise InvalidAdapterConfig(
-                    f"adapter {adapter.name!r}: its chat template is invalid: {err}"
-                ) from None
 
     def resident_adapters(self) -> dict[str, str]:
         """Adapter name -> the fastest tier holding its current version ("device", "host")."""

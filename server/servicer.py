@@ -65,6 +65,9 @@ _FINISH = {
 }
 
 
+_STATE = {"device": pb.DEVICE, "host": pb.HOST}  # Runtime.resident_adapters' tiers
+
+
 def status_for(err: Exception) -> grpc.StatusCode:
     for cls, code in _STATUS:
         if isinstance(err, cls):
@@ -315,22 +318,16 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     async def ListAdapters(self, request, context):
         runtime = self.runtime
-        device = runtime.cache.device_versions()
-        host = runtime.host.versions()
+        tiers = runtime.resident_adapters()
         infos = []
         errors = runtime.registry.errors()
         for e in runtime.registry.entries():
-            state = pb.ON_DISK
-            if e.version in device:
-                state = pb.DEVICE
-            elif e.version in host:
-                state = pb.HOST
             infos.append(
                 pb.AdapterInfo(
                     name=e.name,
                     version=e.version,
                     rank=e.rank,
-                    state=state,
+                    state=_STATE.get(tiers.get(e.name), pb.ON_DISK),
                     size_bytes=e.nbytes,
                     error=errors.pop(e.name, ""),
                 )

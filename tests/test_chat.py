@@ -23,30 +23,9 @@ from loraserve.v1 import inference_pb2 as pb
 from tests.checkpoints import EOS, byte_level_tokenizer, hf_model, make_llama
 from tests.grpc_server import ServerThread
 from tests.serving import random_adapter, serving_config
+from tests.test_chat_template import LLAMA3, QWEN25, SMOLLM2  # the models' real templates
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-SMOLLM2 = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
-QWEN25 = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + "
-    "messages[0]['content'] + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are "
-    "Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'system' "
-    "and not loop.first) or message.role == 'assistant' %}{{- '<|im_start|>' + message.role + "
-    "'\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 REFUSING = (
     "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
     "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
@@ -393,7 +372,7 @@ def test_single_file_templates_and_broken_ones(tmp_path):
         )[1:]
         listed = {a.name: a for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
         assert listed["broken"].state == pb.INVALID
-        assert "chat template is invalid" in listed["broken"].error
+        assert "its chat template cannot be used" in listed["broken"].error
         with pytest.raises(grpc.RpcError) as err:
             stub.Chat(chat_pb(CONVERSATIONS[0], "broken"))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -76,7 +76,13 @@ def test_the_folder_carries_the_files_tokenizer_and_template(folder, hf):
     assert "<|im_start|>" in (folder / "tokenizer_config.json").read_text()
 
 
-def test_conversion_is_cached_by_content(folder, tmp_path):
+def test_conversion_is_cached_by_content(folder, monkeypatch):
+    from loraserve.adapters.models import gguf
+
+    def fail(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gguf, "convert", fail)
     again = gguf_folder(GGUF, cache=folder.parent)
     assert again == folder  # found, not converted again
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temp left

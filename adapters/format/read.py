@@ -29,6 +29,8 @@ import reprlib
 from dataclasses import replace
 from pathlib import Path
 
+from loraserve.adapters.chat_template import ChatTemplate, ChatTemplateError
+
 from .adapter import Adapter, _digest, _nbytes, check_name
 from .config import MAX_CONFIG_BYTES, _config_from_dict, _load_json
 from .errors import (
@@ -51,11 +53,6 @@ from .single_file import _config_from_metadata
 
 # Memory-bomb cap: checked against the file size before anything is read or allocated.
 MAX_ADAPTER_BYTES = 4 << 30
-MAX_TEMPLATE_BYTES = 64 << 10  # an adapter's chat template (Jinja source)
-TEMPLATE_KEY = "chat_template"  # single file: the template in the header metadata
-TEMPLATE_FILE = "chat_template.jinja"  # PEFT folder: the template beside the weights
-TOKENIZER_CONFIG = "tokenizer_config.json"  # ... or its "chat_template" field
-MAX_TOKENIZER_CONFIG_BYTES = 1 << 20  # Llama 3's lists 256 added tokens in ~50 KB
 
 _CONVERT_BIN = (
     "convert it to safetensors once, in an environment you trust:\n"
@@ -113,11 +110,7 @@ def _read_single_file(path: Path, name: str, max_bytes: int, max_header_bytes: i
         plan = _plan_modules(header.tensors, config, path)
         body = _read_body(f, header, path)
     modules = _modules_from_body(plan, header, body, path)
-    template = header.metadata.get(TEMPLATE_KEY)
-    if template is not None and len(template.encode()) > MAX_TEMPLATE_BYTES:
-        raise InvalidAdapterConfig(
-            f"{path}: the {TEMPLATE_KEY} metadata is over {MAX_TEMPLATE_BYTES} bytes"
-        )
+    template = _template(lambda: ChatTemplate.from_metadata(header.metadata), path)
     version = _digest(header.raw, body)
     return Adapter(name, config, modules, version, _nbytes(modules), template)
 
@@ -145,41 +138,21 @@ def _read_peft_folder(folder: Path, name: str, max_bytes: int, max_header_bytes:
         plan = _plan_modules(header.tensors, config, weights_path)
         body = _read_body(f, header, weights_path)
     modules = _modules_from_body(plan, header, body, weights_path)
-    template = _folder_template(folder)
+    template = _template(lambda: ChatTemplate.from_folder(folder), folder)
     version = _digest(config_bytes, header.raw, body, (template or "").encode())
     return Adapter(name, config, modules, version, _nbytes(modules), template)
 
 
-def _folder_template(folder: Path) -> str | None:
-    """A PEFT folder's own chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
-    ``chat_template`` (a string, or a list of ``{"name", "template"}`` whose "default" is used,
-    as transformers reads it). Files must be regular files inside the folder (no symlink out)."""
-    for file in (TEMPLATE_FILE, TOKENIZER_CONFIG):
-        path = folder / file
-        if not path.exists():
-            continue
-        if path.is_symlink() or not path.is_file():
-            raise InvalidAdapterConfig(f"{path}: must be a regular file, not a link")
-        if file == TEMPLATE_FILE:
-            data = _read_bytes(path, MAX_TEMPLATE_BYTES)
-            try:
-                return data.decode()
-            except UnicodeDecodeError as err:
-                raise InvalidAdapterConfig(f"{path}: not UTF-8 text ({err})") from None
-        data = _read_bytes(path, MAX_TOKENIZER_CONFIG_BYTES)
-        config = _load_json(data, path, "the tokenizer config", InvalidAdapterConfig)
-        template = config.get(TEMPLATE_KEY) if isinstance(config, dict) else None
-        if isinstance(template, list):  # named templates
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if template is None:
-            return None
-        if not isinstance(template, str) or len(template.encode()) > MAX_TEMPLATE_BYTES:
-            raise InvalidAdapterConfig(
-                f"{path}: {TEMPLATE_KEY} must be a string of at most {MAX_TEMPLATE_BYTES} bytes"
-            )
-        return template
-    return None
+def _template(read, where: Path) -> str | None:
+    """The adapter's own chat template, from ``read()`` (``ChatTemplate.from_folder`` for a
+    PEFT folder: ``chat_template.jinja`` or ``tokenizer_config.json``'s, read, bounded and
+    confined to the folder; ``from_metadata`` for a single file), compiled now: one that cannot
+    be used refuses the adapter."""
+    try:
+        template = read()
+    except ChatTemplateError as err:
+        raise InvalidAdapterConfig(f"{where}: its chat template cannot be used: {err}") from None
+    return None if template is None else template.source
 
 
 def _read_bytes(path: Path, max_bytes: int) -> bytes:

@@ -33,6 +33,7 @@ import threading
 from pathlib import Path
 
 import torch
+from loraserve.adapters.user_cache import user_cache_dir
 from torch import Tensor
 
 from . import KernelUnavailable
@@ -47,11 +48,7 @@ _lock = threading.Lock()
 
 def cache_dir() -> Path:
     """Where built ops are kept: ``$LORASERVE_KERNEL_CACHE``, else under the user's cache."""
-    override = os.environ.get("LORASERVE_KERNEL_CACHE")
-    if override:
-        return Path(override)
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "loraserve" / "kernels"
+    return user_cache_dir("kernels", "LORASERVE_KERNEL_CACHE")
 
 
 def _cpu_flags() -> str:

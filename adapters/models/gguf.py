@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from loraserve.adapters.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,7 @@ class UnsupportedGGUF(ValueError):
 
 
 def cache_root() -> Path:
-    override = os.environ.get("LORASERVE_MODEL_CACHE")
-    if override:
-        return Path(override)
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "loraserve" / "models"
+    return user_cache_dir("models", "LORASERVE_MODEL_CACHE")
 
 
 def file_digest(path: Path) -> str:
