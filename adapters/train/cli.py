@@ -152,9 +152,12 @@ def choose_settings(args: dict) -> tuple[dict, dict]:
 
 
 def base_folder(base: str) -> Path | None:
-    from loraserve.adapters.demo_paths import demo_base_dir
+    from loraserve.adapters.train.model import base_path
 
-    folder = demo_base_dir() if base == "demo" else Path(base)
+    try:
+        folder = base_path(base)
+    except TrainError:
+        return None  # load_base says why, once
     return folder if folder.is_dir() else None
 
 

@@ -44,6 +44,9 @@ class Record:
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None  # a conversation, until ``chat_records`` renders it
     templated: bool = False  # the prompt is a rendered chat template: no special tokens added
+    # a rendered conversation's earlier turns, before ``prompt``: (the template's text, then an
+    # assistant answer the loss is also on), in order
+    earlier: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,12 @@ class Example:
     start: int  # first target token (0 for a text record)
     record: Record
     completion_tokens: int  # completion + eos before any cut: the greedy budget in evaluation
+    earlier: tuple[tuple[int, int], ...] = ()  # [begin, end) of earlier answers' target tokens
 
     @property
     def n_targets(self) -> int:
-        return len(self.ids) - max(self.start, 1)  # token 0 is never predicted
+        earlier = sum(min(e, self.start) - b for b, e in self.earlier)
+        return len(self.ids) - max(self.start, 1) + earlier  # token 0 is never predicted
 
 
 def load_records(path: Path) -> list[Record]:
@@ -117,12 +122,13 @@ def _parse_conversation(messages, where: str) -> Record:
     return Record(where, clean[-1]["content"], messages=clean)
 
 
-def chat_records(records: Sequence[Record], template) -> list[Record]:
+def chat_records(records: Sequence[Record], template, eos_text: str | None = None) -> list[Record]:
     """Conversations rendered with ``template`` (a ``ChatTemplate``; None: the base has none)
-    into prompt/completion records; other records unchanged."""
+    into prompt/completion records, the loss on every assistant answer; other records
+    unchanged. ``eos_text``: the EOS token's text, which ends an answer."""
     from loraserve.adapters.chat_template import ChatTemplateError
 
-    out = []
+    out, last_only = [], []
     for r in records:
         if r.messages is None:
             out.append(r)
@@ -133,11 +139,51 @@ def chat_records(records: Sequence[Record], template) -> list[Record]:
                 "(chat_template.jinja or tokenizer_config.json's chat_template)"
             )
         try:
-            prompt = template.render(list(r.messages[:-1]), add_generation_prompt=True)
+            earlier, prompt = _render_turns(r, template, eos_text)
         except ChatTemplateError as e:
             raise TrainError(f"{r.where}: the base's chat template refused it: {e}") from None
-        out.append(Record(r.where, r.completion, prompt, templated=True))
+        if earlier is None:
+            last_only.append(r.where)
+        out.append(Record(r.where, r.completion, prompt, templated=True, earlier=earlier or ()))
+    if last_only:
+        _warn(
+            f"{len(last_only)} conversation(s) with earlier answers (first: {last_only[0]}): the "
+            "base's chat template does not render them turn by turn (a turn's prompt is not a "
+            "prefix of the whole), so the loss is on their last answer only"
+        )
     return out
+
+
+def _render_turns(r: Record, template, eos_text: str | None):
+    """(earlier turns, the last answer's prompt) of a conversation, as ``Record.earlier`` and
+    ``Record.prompt``. Each assistant answer is found in the whole rendering where the
+    template's generation prompt for it ends, as TRL and axolotl mask turns; the end-of-turn
+    token after an answer is the EOS the example appends, so its text is not repeated.
+    Earlier turns are None when the template does not render the conversation turn by turn
+    (one that drops or rewrites earlier turns): then only the last answer is learnt."""
+    messages = list(r.messages)
+    answers = [i for i, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
+    last = template.render(messages[:-1], add_generation_prompt=True)
+    if not answers:
+        return (), last
+    full = template.render(messages, add_generation_prompt=False)
+    earlier, pos = [], 0
+    for i in [*answers, len(messages) - 1]:
+        head = (
+            last
+            if i == len(messages) - 1
+            else template.render(messages[:i], add_generation_prompt=True)
+        )
+        content = messages[i]["content"]
+        if not (full.startswith(head) and full.startswith(content, len(head))):
+            return None, last  # not rendered turn by turn: the last answer only
+        if i == len(messages) - 1:
+            return tuple(earlier), full[pos : len(head)]
+        earlier.append((full[pos : len(head)], content))
+        pos = len(head) + len(content)
+        if eos_text and full.startswith(eos_text, pos):
+            pos += len(eos_text)
+    raise AssertionError("unreachable: the last message is the assistant's")
 
 
 def _string_field(obj: dict, key: str, where: str) -> str:
@@ -182,10 +228,16 @@ def tokenize_records(
     eos = tokenizer.eos_token_ids[0]
     examples, cut, dropped = [], [], []
     for record in records:
+        spans, prompt = [], []
+        for context, answer in record.earlier:  # templated: no special tokens added
+            prompt += tokenizer.encode(context, add_special_tokens=False)
+            begin = len(prompt)
+            prompt += [*tokenizer.encode(answer, add_special_tokens=False), eos]
+            spans.append((begin, len(prompt)))
         if record.prompt is None:
-            prompt, completion = [], tokenizer.encode(record.completion)
+            completion = tokenizer.encode(record.completion)
         else:
-            prompt = tokenizer.encode(record.prompt, add_special_tokens=not record.templated)
+            prompt += tokenizer.encode(record.prompt, add_special_tokens=not record.templated)
             completion = tokenizer.encode(record.completion, add_special_tokens=False)
         ids = [*prompt, *completion, eos]
         if len(ids) > max_len:
@@ -195,7 +247,8 @@ def tokenize_records(
                     "(raise --max-len, or use --on-long=truncate to cut such records)"
                 )
             cut.append(record.where)
-        example = Example(tuple(ids[:max_len]), len(prompt), record, len(completion) + 1)
+        spans = tuple((b, min(e, max_len)) for b, e in spans if b < max_len)
+        example = Example(tuple(ids[:max_len]), len(prompt), record, len(completion) + 1, spans)
         if example.n_targets > 0:
             examples.append(example)
         else:
@@ -242,6 +295,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         inputs[b, :n] = ids[:-1]
         targets[b, :n] = ids[1:]
         targets[b, : max(e.start - 1, 0)] = IGNORE  # predictions of prompt tokens
+        for begin, end in e.earlier:  # but earlier answers of a conversation are learnt too
+            targets[b, begin - 1 : end - 1] = ids[begin:end]
     n_targets = sum(e.n_targets for e in examples)
     return Batch(inputs, targets, n_targets, sum(len(e.ids) - 1 for e in examples))
 

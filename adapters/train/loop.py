@@ -118,9 +118,10 @@ def setup(config: TrainConfig) -> Run:
             raise TrainError(
                 f"{loaded.path}: the base's chat template cannot be used: {e}"
             ) from None
+        eos_text = tokenizer.decode(tokenizer.eos_token_ids[:1], skip_special_tokens=False)
         records, eval_records = (
-            chat_records(records, template),
-            chat_records(eval_records, template),
+            chat_records(records, template, eos_text),
+            chat_records(eval_records, template, eos_text),
         )
     max_len = min(config.max_len, model.config.max_position_embeddings)
     train_set = tokenize_records(records, tokenizer, max_len, config.on_long, str(config.data))

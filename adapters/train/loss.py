@@ -14,8 +14,12 @@ from .data import IGNORE, Batch
 
 
 def batch_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Summed cross-entropy over the batch's target tokens (float32 scalar)."""
-    logits = model(batch.inputs)  # [B, S, V] float32
-    return F.cross_entropy(
-        logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    """Summed cross-entropy over the batch's target tokens (float32 scalar).
+
+    The head runs on the target positions only: on a real vocabulary (49k rows for SmolLM2)
+    it is a large share of the step, and a chat prompt's tokens carry no loss."""
+    hidden = model.hidden_states(batch.inputs)  # [B, S, C]
+    targets = batch.targets.flatten()
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    logits = model.head(hidden.flatten(0, 1).index_select(0, keep))  # [T, V] float32
+    return F.cross_entropy(logits, targets.index_select(0, keep), reduction="sum")

@@ -21,6 +21,7 @@ from loraserve.adapters.lora import (
 )
 from loraserve.adapters.models import LoadedModel, load_model
 from loraserve.adapters.models.families import FAMILIES
+from loraserve.adapters.models.names import model_folder
 from torch import nn
 
 from .config import TrainConfig, TrainError
@@ -31,14 +32,27 @@ from .device import TrainDevice
 DEFAULT_TARGETS = {spec.arch: spec.lora_targets for spec in FAMILIES}
 
 
+def base_path(base: str) -> Path:
+    """The folder ``--base`` names: "demo", "smollm2", a ``.gguf`` file or a folder, as the
+    server's ``--model`` (``loraserve.adapters.models.names``)."""
+    if base == "demo":  # looked up here, so a test can point it elsewhere
+        path = demo_base_dir()
+        if not (path / "config.json").is_file():
+            raise TrainError(
+                f"--base demo: the embedded demo base model is not installed ({path} is "
+                "missing); build the demo assets first, or pass --base PATH to a Hugging Face "
+                "model folder"
+            )
+        return path
+    try:
+        return model_folder(base)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--base {base}: {e}") from None
+
+
 def load_base(base: str, train_device: TrainDevice) -> LoadedModel:
     """``load_model`` of the folder (or the demo), with a tokenizer that knows its EOS."""
-    path = demo_base_dir() if base == "demo" else Path(base)
-    if base == "demo" and not (path / "config.json").is_file():
-        raise TrainError(
-            f"--base demo: the embedded demo base model is not installed ({path} is missing); "
-            "build the demo assets first, or pass --base PATH to a Hugging Face model folder"
-        )
+    path = base_path(base)
     loaded = load_model(path, train_device.device, train_device.base_dtype)
     if loaded.tokenizer is None:
         raise TrainError(f"{path}: no tokenizer.json; the trainer needs the base's tokenizer")
