@@ -1,19 +1,22 @@
 """``loraserve``: the command-line client.
 
-    loraserve [--target HOST:PORT] [--tls --ca FILE --cert FILE --key FILE] [--json]
-              [--timeout S] [--retries N] [--wait-ready S] COMMAND ...
+    loraserve [--target HOST:PORT] [--tls --ca FILE --cert FILE --key FILE] [--token TOKEN]
+              [--json] [--timeout S] [--retries N] [--wait-ready S] COMMAND ...
 
     loraserve generate ADAPTER PROMPT [--max-new-tokens N] [--temperature T] [--top-p P]
                                       [--top-k K] [--seed S] [--stop STR ...] [--request-id ID]
     loraserve stream   ADAPTER PROMPT [same options]     print text as it arrives
     loraserve adapters                                    table of deployed adapters
+    loraserve chat     ADAPTER TEXT [--system TEXT] [--stream] [same options]
     loraserve info                                        the server's model, device, limits
+    loraserve hash-token < token.txt                      the --auth-file line for a token
 
 ADAPTER ``base`` or ``-`` means the base model alone (no adapter); PROMPT ``-`` reads the
 prompt from stdin. The target defaults to $LORASERVE_TARGET, else localhost:50051. ``--ca``,
 ``--cert`` and ``--key`` imply ``--tls``. With ``--json`` every command prints one JSON object
 (``stream`` prints one per chunk, JSON lines). ``--wait-ready S`` first waits up to S seconds
 for the server to report SERVING (a server still loading its model answers UNAVAILABLE).
+``--token`` (default: $LORASERVE_TOKEN) is the bearer token for a server with ``--auth-file``.
 
 Exit status: 0 on success, 1 when the server reports an error (printed as
 ``error: CODE: details``), 2 for usage errors; 130 when interrupted.
@@ -28,17 +31,23 @@ import os
 import sys
 from collections.abc import Sequence
 
+from loraserve.client.auth import hash_token_from_stdin
 from loraserve.client.client import LoraClient
 from loraserve.client.errors import LoraServeError
 from loraserve.client.types import AdapterInfo
 
 DEFAULT_TARGET = "localhost:50051"
+TOKEN_ENV = "LORASERVE_TOKEN"
 BASE_MODEL_NAMES = ("base", "-")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "hash-token":  # no server involved
+        return run_hash_token(args)
+    if args.token is None:  # the environment is read here only, never by the library
+        args.token = os.environ.get(TOKEN_ENV) or None
     try:
         client = connect(args)
     except (OSError, ValueError) as exc:
@@ -74,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca", metavar="FILE", help="root certificates (PEM); implies --tls")
     parser.add_argument("--cert", metavar="FILE", help="client certificate for mutual TLS (PEM)")
     parser.add_argument("--key", metavar="FILE", help="client private key for mutual TLS (PEM)")
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"bearer token for a server with --auth-file (default: ${TOKEN_ENV}; prefer the "
+        "variable: a flag shows in the process list)",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--timeout", type=float, metavar="S", help="deadline per call, seconds")
     parser.add_argument(
@@ -118,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.set_defaults(run=run_adapters)
     info = commands.add_parser("info", help="show the server's model, device and limits")
     info.set_defaults(run=run_info)
+    commands.add_parser(
+        "hash-token",
+        help="print the --auth-file line for a token read from stdin (sha256:HEX)",
+        description="Read one token from stdin (one trailing newline is dropped) and print "
+        "the hash an --auth-file lists for it: the file never holds the token itself.",
+    )
     return parser
 
 
@@ -134,7 +155,17 @@ def connect(args: argparse.Namespace) -> LoraClient:
         certificate_chain=read_file(args.cert),
         timeout=args.timeout,
         retries=args.retries,
+        token=args.token,
     )
+
+
+def run_hash_token(args: argparse.Namespace) -> int:
+    try:
+        print(hash_token_from_stdin(sys.stdin))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def read_file(path: str | None) -> bytes | None:

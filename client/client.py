@@ -11,6 +11,8 @@ Contract shared by both:
   replicas instead of hashing every one of them to the replica that owns "".
 - Prompts. A ``str`` goes in ``prompt`` (the server tokenizes); a sequence of ints goes in
   ``prompt_token_ids``.
+- Auth. ``token=`` sends ``authorization: Bearer TOKEN`` with every call, for a server started
+  with ``--auth-file``; its errors are ``UNAUTHENTICATED`` and ``PERMISSION_DENIED``.
 - Sampling. Arguments left ``None`` stay unset in the request and the server applies its
   defaults.
 - Timeouts. ``timeout`` (per call, else the client's) bounds the whole call, retries
@@ -41,6 +43,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loraserve.client.auth import auth_metadata
 from loraserve.client.errors import UnavailableError, error_from_rpc, status_code_of
 from loraserve.client.types import (
     AdapterInfo,
@@ -345,8 +348,10 @@ class _ClientCore:
         timeout: float | None = None,
         retries: int = 1,
         options: ChannelOptions = (),
+        token: str | None = None,
     ):
         credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
+        self._auth = auth_metadata(token)
         channels = self._channels
         if credentials is None:
             self._channel = channels.insecure_channel(target, options=list(options))
@@ -355,6 +360,9 @@ class _ClientCore:
         self._stub = inference_pb2_grpc.LoraInferenceStub(self._channel)
         self._timeout = timeout
         self._retry = RetryPolicy(retries=retries)
+
+    def _metadata(self, call: Call) -> tuple[tuple[str, str], ...]:
+        return call.metadata + self._auth
 
     def _deadline(self, call: Call) -> Deadline:
         return Deadline(self._timeout if call.timeout is None else call.timeout)
@@ -426,7 +434,7 @@ class LoraClient(_ClientCore):
         while True:
             try:
                 response = method(
-                    call.request, timeout=deadline.remaining(), metadata=call.metadata
+                    call.request, timeout=deadline.remaining(), metadata=self._metadata(call)
                 )
                 return call.decode(response)
             except grpc.RpcError as exc:
@@ -440,7 +448,7 @@ class LoraClient(_ClientCore):
         deadline, attempt = self._deadline(call), 0
         while True:
             rpc = getattr(self._stub, call.rpc)(
-                call.request, timeout=deadline.remaining(), metadata=call.metadata
+                call.request, timeout=deadline.remaining(), metadata=self._metadata(call)
             )
             received = False
             try:
@@ -509,7 +517,7 @@ class AsyncLoraClient(_ClientCore):
         while True:
             try:
                 response = await method(
-                    call.request, timeout=deadline.remaining(), metadata=call.metadata
+                    call.request, timeout=deadline.remaining(), metadata=self._metadata(call)
                 )
                 return call.decode(response)
             except grpc.RpcError as exc:
@@ -523,7 +531,7 @@ class AsyncLoraClient(_ClientCore):
         deadline, attempt = self._deadline(call), 0
         while True:
             rpc = getattr(self._stub, call.rpc)(
-                call.request, timeout=deadline.remaining(), metadata=call.metadata
+                call.request, timeout=deadline.remaining(), metadata=self._metadata(call)
             )
             received = False
             try:

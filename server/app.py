@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loraserve.adapters.models.names import display_name
+from loraserve.server.auth import AuthState
 from loraserve.server.metrics import Metrics
 from loraserve.server.openai_api import OpenAIApp, tls_options
 from loraserve.server.runtime import Runtime, ServerConfig
@@ -67,7 +68,13 @@ class LoraServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.runtime: Runtime | None = None
-        self.servicer = LoraInferenceServicer(model_name=config.model)
+        # an invalid auth file stops the start-up (AuthFileError): there is no working one
+        self.auth = (
+            AuthState(config.auth_file, config.auth_poll_interval)
+            if config.auth_file is not None
+            else None
+        )
+        self.servicer = LoraInferenceServicer(model_name=config.model, auth=self.auth)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -144,6 +151,16 @@ class LoraServer:
             self.port,
             "TLS" if creds else "plaintext",
         )
+        if self.auth is None:
+            log.info("auth: off (no --auth-file): every caller may use every adapter")
+        else:
+            self.auth.start()
+            log.info(
+                "auth: %d tenants from %s, reloaded when it changes; health and reflection "
+                "stay open",
+                len(self.auth.policy.tenants),
+                self.config.auth_file,
+            )
         if load:
             await self.load()
         return self.port
@@ -182,6 +199,8 @@ class LoraServer:
             await self.http.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self.auth is not None:
+            self.auth.stop()
         self._stopped.set()
         log.info("stopped")
 

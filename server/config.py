@@ -117,6 +117,14 @@ class ServerConfig:
     tls_client_ca: Path | None = setting(
         None, "require client certificates signed by this CA (mTLS)", parse=Path
     )
+    auth_file: Path | None = setting(
+        None,
+        "per-adapter access control: tenants, their token hashes and the adapters they may use "
+        "(YAML or TOML; watched and reloaded; `loraserve hash-token` makes a hash). Without it "
+        "every caller may use every adapter",
+        parse=Path,
+    )
+    auth_poll_interval: float = setting(1.0, "seconds between checks of --auth-file for changes")
     drain_grace: float = setting(30.0, "seconds running requests get to finish on SIGTERM")
     drain_linger: float = setting(
         0.0,

@@ -54,6 +54,27 @@ class QueueFull(ServingError):
     pass
 
 
+class Unauthenticated(ServingError):
+    """No bearer token, or one that no tenant of ``--auth-file`` holds."""
+
+    def __init__(self):
+        super().__init__(
+            "a valid bearer token is required (metadata or header 'authorization: Bearer TOKEN')"
+        )
+
+
+class PermissionDenied(ServingError):
+    """A known token asking for an adapter (or the base model) its tenant may not use. The
+    message is the same whether or not the adapter exists, so a tenant cannot probe for
+    another's adapters."""
+
+    def __init__(self, adapter: str, tenant: str | None = None):
+        what = f"adapter {adapter!r}" if adapter else "the base model"
+        super().__init__(f"this token may not use {what}")
+        self.adapter = adapter
+        self.tenant = tenant  # for metrics and the log, never for the caller
+
+
 class ShuttingDown(ServingError):
     pass
 
@@ -65,7 +86,9 @@ __all__ = [
     "InvalidRequest",
     "NoChatTemplate",
     "NonFiniteLogits",
+    "PermissionDenied",
     "QueueFull",
     "ServingError",
     "ShuttingDown",
+    "Unauthenticated",
 ]

@@ -10,6 +10,8 @@ every later adapter is reported as ``__other__``, and any other name (a typo, a 
 that was refused) as ``__unknown__``, so neither clients nor files dropped into the folder can
 spend the label slots. The base model is ``__base__``. Thousands of adapters cannot blow up the
 series count. A retired adapter keeps its label value (series already exported stay valid).
+With ``--auth-file``, ``loraserve_tenant_requests{tenant, adapter, code}`` says who uses what;
+the ``tenant`` label is capped the same way (``-`` is a request no valid token vouched for).
 
 Router-facing series, read at scrape time (``RouterState``): ``loraserve_lora_requests_info``
 (labels ``max_lora``, ``running_lora_adapters``, ``waiting_lora_adapters``: comma-separated
@@ -161,6 +163,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.label = AdapterLabels(max_adapter_labels)
+        self.tenant_label = AdapterLabels(max_adapter_labels)  # tenants are capped alike
         ns = "loraserve"
         self.build = Info("build", "What this server runs.", namespace=ns, registry=r)
         self.requests = Counter(
@@ -168,6 +171,14 @@ class Metrics:
             "Finished gRPC requests by adapter, method (unary Generate or streaming "
             "GenerateStream, ...) and status code.",
             ["adapter", "method", "code"],
+            namespace=ns,
+            registry=r,
+        )
+        self.tenant_requests = Counter(
+            "tenant_requests",
+            "Finished requests by tenant (with --auth-file; '-' when no valid token was "
+            "given), adapter and status code.",
+            ["tenant", "adapter", "code"],
             namespace=ns,
             registry=r,
         )
@@ -366,10 +377,16 @@ class Metrics:
 
     # -------------------------------------------------------------- requests (servicer)
 
-    def observe_request(self, adapter: str, method: str, code: str, seconds: float) -> None:
+    def observe_request(
+        self, adapter: str, method: str, code: str, seconds: float, tenant: str | None = None
+    ) -> None:
+        """``tenant``: the caller's tenant under ``--auth-file`` (``-`` for a request no token
+        vouched for), None without one."""
         label = self.label(adapter)
         self.requests.labels(label, method, code).inc()
         self.request_duration.labels(label).observe(seconds)
+        if tenant is not None:
+            self.tenant_requests.labels(self.tenant_label(tenant), label, code).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the ``/metrics`` HTTP endpoint; returns ``(server, port)``."""

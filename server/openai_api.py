@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from loraserve.adapters.format import InvalidAdapter
+from loraserve.server.auth import Tenant
 from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
 from loraserve.server.errors import (
     AdapterNotFound,
@@ -37,13 +38,15 @@ from loraserve.server.errors import (
     InvalidRequest,
     NoChatTemplate,
     NonFiniteLogits,
+    PermissionDenied,
     QueueFull,
     ServingError,
     ShuttingDown,
+    Unauthenticated,
 )
 from loraserve.server.frontend import Frontend
 from loraserve.server.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
-from loraserve.server.servicer import status_for
+from loraserve.server.servicer import UNAUTHENTICATED_TENANT, status_for
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -66,6 +69,8 @@ _ERRORS: list[tuple[type, int, str, str]] = [  # class, HTTP status, type, code
     (NonFiniteLogits, 500, "server_error", "non_finite_logits"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "service_unavailable", "unavailable"),
+    (Unauthenticated, 401, "invalid_request_error", "invalid_api_key"),
+    (PermissionDenied, 403, "permission_error", "permission_denied"),
 ]
 
 
@@ -229,6 +234,19 @@ class OpenAIApp:
         except (ValueError, RecursionError) as err:
             raise HTTPError(400, f"the body is not valid JSON ({err})", "invalid_json") from None
 
+    def tenant_of(self, request: Request) -> Tenant | None:
+        """The caller's tenant from its ``Authorization: Bearer`` header (None: auth off);
+        raises ``Unauthenticated``. Checked before the body is read."""
+        auth = self.server.auth
+        return None if auth is None else auth.authorize(request.headers.get("authorization"))
+
+    def permit(self, tenant: Tenant | None, model: str) -> None:
+        """Raise ``PermissionDenied`` when ``model`` is not the tenant's to use, before it is
+        looked up (the answer does not say whether it exists)."""
+        adapter = "" if model == self.base_name else model
+        if tenant is not None and not tenant.may_use(adapter):
+            raise PermissionDenied(adapter, tenant.name)
+
     def adapter_for(self, front: Frontend, model: str) -> str:
         """The adapter ``model`` names ("" = the base model); raises ``AdapterNotFound``."""
         if model == self.base_name:
@@ -247,13 +265,15 @@ class OpenAIApp:
     ) -> Response:
         """The shared part of both generation endpoints: parse, build the choices, then answer
         in one response or as a stream; errors in OpenAI's shape; metrics and a log line."""
-        t0, adapter, code, streaming = time.monotonic(), "", "OK", False
+        t0, adapter, code, streaming, tenant = time.monotonic(), "", "OK", False, None
         try:
+            tenant = self.tenant_of(request)
             front = self.front
             fields = await self.read_json(request)
             model = fields.get("model", (str,))
             if model is None:
                 raise InvalidRequest("model", "is required")
+            self.permit(tenant, model)
             adapter = self.adapter_for(front, model)
             choices = await build(front, fields, adapter)
             if len(choices) > front.runtime.config.max_queue:
@@ -280,7 +300,7 @@ class OpenAIApp:
                 body = stream(front, model, adapter, submitted, usage)
                 streaming = True
                 return StreamingResponse(
-                    self._sse(body, method, adapter, t0), media_type="text/event-stream"
+                    self._sse(body, method, adapter, t0, tenant), media_type="text/event-stream"
                 )
             result = await _until_disconnect(request, respond(front, model, adapter, choices))
             if result is None:  # the client left: its sequences were cancelled
@@ -291,18 +311,40 @@ class OpenAIApp:
             code = _code_name(err)
             if code == "INTERNAL":
                 log.error("%s failed unexpectedly", method, exc_info=err)
+            if isinstance(err, PermissionDenied):
+                tenant = err.tenant  # a refused tenant is still counted
             return error_response(err)
         finally:
             if not streaming:  # a stream records itself when it ends
-                self._record(method, adapter, code, t0)
+                self._record(method, adapter, code, t0, tenant)
 
-    def _record(self, method: str, adapter: str, code: str, t0: float) -> None:
-        log.info("%s adapter=%r: %s in %.3fs", method, adapter[:128], code, time.monotonic() - t0)
+    def _record(
+        self, method: str, adapter: str, code: str, t0: float, tenant: Tenant | str | None
+    ) -> None:
+        name = tenant.name if isinstance(tenant, Tenant) else tenant
+        if name is None and self.server.auth is not None:
+            name = UNAUTHENTICATED_TENANT
+        seconds = time.monotonic() - t0
+        log.info(
+            "%s adapter=%r%s: %s in %.3fs",
+            method,
+            adapter[:128],
+            "" if name is None else f" tenant={name!r}",
+            code,
+            seconds,
+        )
         front = self.server.servicer.front
         if front is not None:
-            front.runtime.metrics.observe_request(adapter, method, code, time.monotonic() - t0)
+            front.runtime.metrics.observe_request(adapter, method, code, seconds, name)
 
-    async def _sse(self, body: AsyncIterator[dict], method: str, adapter: str, t0: float):
+    async def _sse(
+        self,
+        body: AsyncIterator[dict],
+        method: str,
+        adapter: str,
+        t0: float,
+        tenant: Tenant | None,
+    ):
         """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``. An error
         after the headers went out is sent as an ``{"error": ...}`` event, as OpenAI does."""
         code = "OK"
@@ -318,7 +360,7 @@ class OpenAIApp:
                 log.error("%s failed unexpectedly", method, exc_info=err)
             yield f"data: {json.dumps(error_body(err)[1])}\n\n"
         finally:
-            self._record(method, adapter, code, t0)
+            self._record(method, adapter, code, t0, tenant)
         yield "data: [DONE]\n\n"
 
     # ---------------------------------------------------------------- endpoints
@@ -336,18 +378,25 @@ class OpenAIApp:
         return card
 
     async def models(self, request: Request) -> Response:
+        """The base model and every adapter; with ``--auth-file``, only what the caller may
+        use."""
         try:
+            tenant = self.tenant_of(request)
             front = self.front
-        except ShuttingDown as err:
+        except (ShuttingDown, Unauthenticated) as err:
             return error_response(err)
-        cards = [self._model_card(self.base_name, None)]
+        cards = []
+        if tenant is None or tenant.may_use(""):
+            cards.append(self._model_card(self.base_name, None))
         for entry in front.runtime.registry.entries():
-            cards.append(self._model_card(entry.name, self.base_name))
+            if tenant is None or tenant.may_use(entry.name):
+                cards.append(self._model_card(entry.name, self.base_name))
         return JSONResponse({"object": "list", "data": cards})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         try:
+            self.permit(self.tenant_of(request), name)
             front = self.front
             adapter = self.adapter_for(front, name)
         except Exception as err:

@@ -25,6 +25,7 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 from loraserve.adapters.format import InvalidAdapter
+from loraserve.server.auth import AuthState, Tenant
 from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
 from loraserve.server.errors import (
     AdapterNotFound,
@@ -32,9 +33,11 @@ from loraserve.server.errors import (
     InvalidRequest,
     NoChatTemplate,
     NonFiniteLogits,
+    PermissionDenied,
     QueueFull,
     ServingError,
     ShuttingDown,
+    Unauthenticated,
 )
 from loraserve.server.frontend import MAX_CONTINUATIONS, Frontend
 from loraserve.server.runtime import SERVER_VERSION, Runtime
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_REQUEST_ID_CHARS = 256
+UNAUTHENTICATED_TENANT = "-"  # the tenant label of a request no token vouched for
 
 _STATUS = [
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
@@ -56,6 +60,8 @@ _STATUS = [
     (NonFiniteLogits, grpc.StatusCode.FAILED_PRECONDITION),  # a broken adapter, not our bug
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 _FINISH = {
@@ -89,10 +95,23 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
 
 
 class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
-    def __init__(self, runtime: Runtime | None = None, model_name: str = ""):
+    def __init__(
+        self, runtime: Runtime | None = None, model_name: str = "", auth: AuthState | None = None
+    ):
         self._runtime = runtime  # None while the model loads: calls get UNAVAILABLE
         self.front = Frontend(runtime) if runtime is not None else None
         self.model_name = model_name
+        self.auth = auth  # None: no --auth-file, every caller may use everything
+
+    def authorize(self, context, adapter: str | None) -> Tenant | None:
+        """The caller's tenant (None with auth off); raises ``Unauthenticated`` or
+        ``PermissionDenied`` (see ``AuthState.authorize``)."""
+        if self.auth is None:
+            return None
+        header = next(
+            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
+        )
+        return self.auth.authorize(header if isinstance(header, str) else None, adapter)
 
     @property
     def runtime(self) -> Runtime | None:
@@ -302,26 +321,36 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             message = message.replace(f"{self.runtime.adapters_dir}/", "")
         return message
 
-    def record(self, method: str, request, code: grpc.StatusCode, seconds: float) -> None:
+    def record(
+        self, method: str, request, code: grpc.StatusCode, seconds: float, tenant: str | None
+    ) -> None:
         """Metrics and one log line for a finished generation call."""
         # the id is the caller's (the proto promises it is logged); %r keeps it on one line
         log.info(
-            "%s request_id=%r adapter=%r: %s in %.3fs",
+            "%s request_id=%r adapter=%r%s: %s in %.3fs",
             method,
             request.request_id[:MAX_REQUEST_ID_CHARS],
             request.adapter[:128],
+            "" if tenant is None else f" tenant={tenant!r}",
             code.name,
             seconds,
         )
         if self.runtime is not None:
-            self.runtime.metrics.observe_request(request.adapter, method, code.name, seconds)
+            self.runtime.metrics.observe_request(
+                request.adapter, method, code.name, seconds, tenant
+            )
 
     async def ListAdapters(self, request, context):
+        tenant = self.authorize(context, None)
         runtime = self.runtime
         tiers = runtime.resident_adapters()
         infos = []
         errors = runtime.registry.errors()
+        if tenant is not None:  # only what the caller may use
+            errors = {name: why for name, why in errors.items() if tenant.may_use(name)}
         for e in runtime.registry.entries():
+            if tenant is not None and not tenant.may_use(e.name):
+                continue
             infos.append(
                 pb.AdapterInfo(
                     name=e.name,
@@ -338,6 +367,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         return pb.ListAdaptersResponse(adapters=infos)
 
     async def GetServerInfo(self, request, context):
+        self.authorize(context, None)
         runtime = self.runtime
         cfg, stats = runtime.config, runtime.engine.stats()
         return pb.ServerInfo(
@@ -394,12 +424,18 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
     # requests that name an adapter: metered
     generation = name.startswith(("Generate", "Chat")) or name == "Score"
 
-    def check(request) -> None:
+    def check(request, context) -> str | None:
+        """Refuse what must not cost anything; the caller's tenant name (None: auth off)."""
+        if generation and not isinstance(request, Malformed):
+            tenant = servicer.authorize(context, request.adapter)
+        else:  # the others authorize themselves (a listing is filtered, not refused)
+            tenant = None
         if isinstance(request, Malformed):
             log.warning("refused a request that does not parse: %s", request.message)
             raise MalformedRequest(request)
         if servicer.runtime is None:
             raise ShuttingDown("the model is still loading")
+        return tenant.name if tenant is not None else None
 
     async def fail(context, err: Exception, code: grpc.StatusCode) -> None:
         if code is grpc.StatusCode.INTERNAL:
@@ -409,25 +445,28 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
             details = servicer.for_tenants(str(err))
         await context.abort(code, details)  # raises
 
-    def done(request, code: grpc.StatusCode, t0: float) -> None:
+    def done(request, code: grpc.StatusCode, t0: float, tenant: str | None) -> None:
         if generation and not isinstance(request, Malformed):
-            servicer.record(name, request, code, time.monotonic() - t0)
+            if tenant is None and code is grpc.StatusCode.UNAUTHENTICATED:
+                tenant = UNAUTHENTICATED_TENANT
+            servicer.record(name, request, code, time.monotonic() - t0, tenant)
 
     @contextlib.asynccontextmanager
     async def shared(request, context):
         """Around one call: refuse it early, map what it raised, record how it ended."""
-        t0, code = time.monotonic(), grpc.StatusCode.OK
+        t0, code, tenant = time.monotonic(), grpc.StatusCode.OK, None
         try:
-            check(request)
+            tenant = check(request, context)
             yield
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as err:
             code = status_for(err)
+            tenant = tenant or getattr(err, "tenant", None)  # a refused tenant is still counted
             await fail(context, err, code)
         finally:
-            done(request, code, t0)
+            done(request, code, t0, tenant)
 
     if streaming:
 

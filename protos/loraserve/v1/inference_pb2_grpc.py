@@ -115,7 +115,8 @@ class LoraInferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The adapters this server can serve, with their cache state.
+        """The adapters this server can serve, with their cache state; with --auth-file, only those
+        the caller's token may use.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
