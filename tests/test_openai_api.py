@@ -1,20 +1,16 @@
 """The OpenAI-compatible HTTP API, through the official ``openai`` client against a real server
 on loopback (sync, streaming, async), raw HTTP for what the client hides (error bodies, body
-caps, disconnects), and the README's curl lines run as written.
+caps, disconnects). The README's curl lines run in tests/test_smollm2_adapters.py, against the
+model `make serve` starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import shutil
 import socket
-import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
@@ -23,8 +19,6 @@ from loraserve.adapters.format import write_adapter
 from tests.grpc_server import ServerThread
 from tests.serving import random_adapter, serving_config, wait_for
 from tests.test_chat import CONVERSATIONS, SMOLLM2, chat_model, hf_chat_ids
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -286,53 +280,6 @@ def test_a_client_that_hangs_up_frees_its_sequence(api):
         sock.close()
         wait_for(lambda: engine.stats()["running"] == 0, timeout=5)
         assert cancelled() == before + 1  # stopped by the hang-up, not run to its end
-
-
-def readme_curls() -> list[str]:
-    """The README's curl commands (``curl ... localhost:8000 ...``), joined across lines."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, re.S)
-    commands = []
-    for block in blocks:
-        for command in block.replace("\\\n", " ").splitlines():
-            if command.strip().startswith("curl") and ":8000/v1" in command:
-                commands.append(command.strip())
-    return commands
-
-
-def test_the_readme_curl_lines_work(tmp_path):
-    """Run against a server on the demo model, as `make serve` starts it (HTTP on 8000, here
-    on a free port; the model is served as 'demo')."""
-    from loraserve.adapters.demo_paths import demo_adapters_dir
-
-    if shutil.which("curl") is None:  # make test installs it: under CI a missing one fails
-        if os.environ.get("CI") == "true":
-            pytest.fail("curl is not installed; make test installs it")
-        pytest.skip("curl is not installed (make test installs it)")
-
-    commands = readme_curls()
-    assert len(commands) >= 3
-    server = ServerThread(
-        serving_config("demo", demo_adapters_dir(), http_port=0, max_lora_rank=16, max_seq_len=256)
-    )
-    try:
-        port = server.server.http_port
-        for command in commands:
-            command = command.replace("localhost:8000", f"127.0.0.1:{port}")
-            done = subprocess.run(
-                ["bash", "-c", command + " --fail-with-body -sS"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert done.returncode == 0, (command, done.stdout, done.stderr)
-            out = done.stdout.strip()
-            if "stream" in command:
-                assert out.endswith("data: [DONE]"), out
-            else:
-                assert "error" not in json.loads(out), out
-    finally:
-        server.stop()
 
 
 def test_usage_echo_streams_and_filtered_alternatives(api):

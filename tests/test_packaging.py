@@ -77,6 +77,7 @@ def test_every_top_level_name_is_loraserve(wheels):
         files = z.namelist()
     assert "loraserve/server/runtime.py" in files
     assert "loraserve/adapters/demo/base/model.safetensors" in files  # the demo ships
+    assert "loraserve/adapters/smollm2/adapters/json.safetensors" in files  # SmolLM2's adapters
     assert not any(f.startswith("loraserve/client/") for f in files)  # it comes from the client
     # every package of the tree is in the wheel (pyproject lists them by hand)
     for folder in ("adapters", "server"):
