@@ -426,10 +426,10 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
 
     def check(request, context) -> str | None:
         """Refuse what must not cost anything; the caller's tenant name (None: auth off)."""
-        if generation and not isinstance(request, Malformed):
-            tenant = servicer.authorize(context, request.adapter)
-        else:  # the others authorize themselves (a listing is filtered, not refused)
-            tenant = None
+        tenant = None  # the others authorize themselves (a listing is filtered, not refused)
+        if generation:  # the token first: a caller without one learns nothing, parse errors too
+            adapter = None if isinstance(request, Malformed) else request.adapter
+            tenant = servicer.authorize(context, adapter)
         if isinstance(request, Malformed):
             log.warning("refused a request that does not parse: %s", request.message)
             raise MalformedRequest(request)

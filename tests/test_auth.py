@@ -142,6 +142,12 @@ def test_grpc_outcomes(served):
     assert code is grpc.StatusCode.PERMISSION_DENIED
     code, _ = code_of(lambda: list(stub_call(server, "GenerateStream", generate("shared"), None)))
     assert code is grpc.StatusCode.UNAUTHENTICATED
+    # bytes that do not parse: the token is still checked first
+    raw = grpc.insecure_channel(server.target).unary_unary("/loraserve.v1.LoraInference/Generate")
+    for token, want in ((None, "UNAUTHENTICATED"), (acme, "INVALID_ARGUMENT")):
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        code, _ = code_of(lambda m=metadata: raw(b"\xff\xff\xff", metadata=m, timeout=30))
+        assert code.name == want
 
 
 def test_listings_show_only_what_the_caller_may_use(served):
