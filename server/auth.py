@@ -142,11 +142,6 @@ class Tenant:
         return [n for n in names if self.may_use(n)]
 
 
-def filter_visible(tenant: Tenant, names: Iterable[str]) -> list[str]:
-    """The adapter names of ``names`` that ``tenant`` may see and use."""
-    return tenant.visible(names)
-
-
 class AuthPolicy:
     """The tenants of one auth file, immutable: a reload builds a new policy and swaps it."""
 
@@ -544,9 +539,6 @@ class AuthState:
     def reload(self) -> bool:
         """Re-read the file now, changed or not (e.g. on SIGHUP); True when it was valid."""
         return self._watcher.check(force=True)
-
-    def authenticate(self, token: str | None) -> Tenant | None:
-        return self.policy.authenticate(token)
 
     def authorize(self, header: str | None, adapter: str | None = None) -> Tenant:
         """The tenant of an ``authorization`` value (``Bearer TOKEN``). Raises

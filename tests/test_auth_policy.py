@@ -26,7 +26,6 @@ from loraserve.server.auth import (
     AuthState,
     Tenant,
     authorization_header_token,
-    filter_visible,
     hash_token,
 )
 
@@ -224,10 +223,10 @@ def test_may_use_agrees_with_fnmatchcase():
         assert both.may_use(name) == any(fnmatch.fnmatchcase(name, g) for g in globs), name
 
 
-def test_filter_visible(tmp_path):
+def test_visible(tmp_path):
     policy = AuthPolicy.from_file(write(tmp_path / "auth.yaml", POLICY_YAML))
     names = ["beta-v1", "acme-chat", "shared-summarize", "shared-x", "other", ""]
-    assert filter_visible(policy.tenant("acme"), names) == ["acme-chat", "shared-summarize", ""]
+    assert policy.tenant("acme").visible(names) == ["acme-chat", "shared-summarize", ""]
     assert policy.tenant("beta").visible(names) == ["beta-v1", "shared-summarize", "shared-x"]
 
 
@@ -490,15 +489,15 @@ def test_state_reloads_keeps_the_working_policy_and_logs_no_secrets(tmp_path, ca
     state = AuthState(path, poll_interval=0.05).start()
     try:
         first = state.policy
-        assert state.authenticate("tok-acme-1").name == "acme"
+        assert state.policy.authenticate("tok-acme-1").name == "acme"
         time.sleep(0.2)  # several polls of an unchanged file
         assert state.policy is first and state.reloads == 0
 
         replace(path, tenants_yaml([tenant("gamma", "tok-gamma", base=True)]))
         assert wait_for(lambda: state.reloads == 1)
         assert state.policy.tenant("gamma") is not None
-        assert state.authenticate("tok-acme-1") is None
-        assert state.authenticate("tok-gamma").may_use("")
+        assert state.policy.authenticate("tok-acme-1") is None
+        assert state.policy.authenticate("tok-gamma").may_use("")
         second = state.policy
 
         # invalid: logged and counted, the working policy stays
@@ -509,11 +508,11 @@ def test_state_reloads_keeps_the_working_policy_and_logs_no_secrets(tmp_path, ca
         # an in-place rewrite of another size is seen too, and repairs the file
         path.write_text(POLICY_YAML + "# repaired\n")
         assert wait_for(lambda: state.reloads == 2)
-        assert state.authenticate("tok-beta").name == "beta"
+        assert state.policy.authenticate("tok-beta").name == "beta"
 
         path.unlink()  # gone: an error, the policy stays
         assert wait_for(lambda: state.reload_errors == 2)
-        assert state.authenticate("tok-beta").name == "beta"
+        assert state.policy.authenticate("tok-beta").name == "beta"
     finally:
         started = time.monotonic()
         state.stop()
@@ -541,7 +540,7 @@ def test_reload_on_demand(tmp_path):
     assert state.reload() and state.reloads == 1  # forced, though unchanged
     write(path, "not toml at all = = =\n")
     assert not state.reload() and state.reload_errors == 1
-    assert state.authenticate("tok-acme-2").name == "acme"
+    assert state.policy.authenticate("tok-acme-2").name == "acme"
 
 
 def test_stop_is_prompt_whatever_the_poll_interval(tmp_path):
