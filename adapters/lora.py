@@ -24,9 +24,10 @@ Two shapes of the same math live here:
 - Serving shape: ``BatchedLoRALinear``. One frozen linear plus a preallocated *slot table* of many
   adapters (``A`` stored transposed as ``[slots+1, r_max, in]``, ``B: [slots+1, r_max, out]``,
   slot 0 all zeros = base only, ranks zero-padded, ``s`` folded into ``B``). Every token of a
-  batch names its slot, so one forward serves rows of different adapters. The per-step routing
-  lives in a ``LoRAContext`` shared by all batched layers of a model; the engine sets it once
-  per forward, so the model code knows nothing about LoRA.
+  batch names its slot (or a weighted mixture of slots), so one forward serves rows of
+  different adapters. The per-step routing lives in a ``LoRAContext`` shared by all batched
+  layers of a model; the engine sets it once per forward, so the model code knows nothing
+  about LoRA.
 """
 
 from __future__ import annotations
@@ -352,33 +353,49 @@ def lora_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
 # Serving: many adapters in one batch
 
 
+Route = int | Sequence[tuple[int, float]]  # a row's slot, or its mixture: (slot, weight) pairs
+
+
 class LoRAContext:
     """Which adapter slot every token of the current forward uses; shared by all batched layers.
 
-    The engine routes once per model forward, on the host: it knows each row's slot as a Python
-    int, so ``set_rows`` derives everything every layer would otherwise recompute from those
-    ints and copies the few tensors it needs to the device. Nothing is read back from the device
+    The engine routes once per model forward, on the host: it knows each row's route as Python
+    values, so ``set_rows`` derives everything every layer would otherwise recompute from them
+    and copies the few tensors it needs to the device. Nothing is read back from the device
     (a forward with routing built this way has no host sync, which CUDA graphs and compilation
     need). ``set_slots`` takes a per-token tensor instead (tests, and rows that mix slots); it
-    reads it back once. Derived:
+    reads it back once.
+
+    A row's route is one slot, or a *mixture*: up to ``K`` ``(slot, weight)`` pairs whose
+    deltas add up, ``y += sum_k w_k * (x A[s_k]) B[s_k]`` (``B`` holds each adapter's scale, so
+    this is PEFT's ``add_weighted_adapter(combination_type="cat")`` computed at run time, with no
+    merged weights). A forward with a mixture routes every row through ``width`` columns (a
+    plain row is ``(s, 1)`` then padding ``(0, 0)``); the weight multiplies the rank-r
+    intermediate, so weight 1 gives the plain result bit for bit, and a one-member mixture of
+    weight 1 is routed as the plain slot. Derived:
 
     - ``single``: the one slot every token uses, when there is exactly one (no gather needed);
     - ``row_slots``: ``[B]`` on the device, when each row uses one slot (always so in the
-      engine: a row is one sequence), so layers gather per row, not per token;
-    - ``slots``: ``[T]`` per-token slots on the device (the loop and per-token paths);
-    - ``segments``: ``(slot, token indices)`` per distinct non-zero slot, for ``"segment"``;
+      engine: a row is one sequence), so layers gather per row, not per token; ``[B, width]``
+      with ``row_weights [B, width]`` (float32) when rows mix adapters;
+    - ``slots``: ``[T]`` per-token slots on the device (the loop and per-token paths); ``[T,
+      width]`` with ``weights [T, width]`` when rows mix adapters;
+    - ``segments``: ``(slot, token indices, weights or None)`` per distinct non-zero slot, for
+      ``"segment"``;
     - ``rank``: the largest adapter rank among the slots in use (layers read only those ranks).
     """
 
     def __init__(self) -> None:
-        self.slots: Tensor | None = None  # [T] long, flattened [B, S] token order
+        self.slots: Tensor | None = None  # [T] (or [T, width]) long, flattened [B, S] order
+        self.weights: Tensor | None = None  # [T, width] float32 when rows mix adapters
+        self.width = 1  # slots per token: 1, or the widest mixture of this forward
         self.single: int | None = None
-        self.row_slots: Tensor | None = None  # [B] long
-        self._token_slots: list[int] = []  # host copy of ``slots``
+        self.row_slots: Tensor | None = None  # [B] (or [B, width]) long
+        self.row_weights: Tensor | None = None  # [B, width] float32 when rows mix adapters
+        self._token_slots: list = []  # host copy of ``slots``: ints, or (slot, weight) pairs
         self._prefill_rows: tuple | None = None  # (row slots, seq_len, device) of a prefill
         self._kernel_segments: Segments | None = None
-        self._ids: list[int] = []  # distinct slots of this forward
-        self._segments: list[tuple[int, Tensor]] | None = []
+        self._segments: list[tuple[int, Tensor, Tensor | None]] | None = []
         self.active = False  # any token on a non-zero slot?
         self.rank = 0  # the largest adapter rank among this forward's slots
         self.slot_rank: dict[int, int] = {}  # filled slot -> its adapter's rank
@@ -388,13 +405,37 @@ class LoRAContext:
         self.row_op: Callable[..., Tensor] | None = None
 
     def set_rows(
-        self, row_slots: Sequence[int], seq_len: int, device: torch.device | str = "cpu"
+        self, row_slots: Sequence[Route], seq_len: int, device: torch.device | str = "cpu"
     ) -> None:
-        """Row ``b``'s ``seq_len`` tokens all use slot ``row_slots[b]`` (0 = the base model)."""
-        rows = [int(s) for s in row_slots]
-        self._route([s for s in rows for _ in range(seq_len)], rows, device)
-        if seq_len > 1 and self.active:  # prefill rows: SGMV segments, built if a layer asks
-            self._prefill_rows = (rows, seq_len, device)
+        """Row ``b``'s ``seq_len`` tokens all use route ``row_slots[b]``: a slot (0 = the base
+        model), or a mixture's ``(slot, weight)`` pairs."""
+        rows = [plain_route(r) for r in row_slots]
+        if all(isinstance(r, int) for r in rows):
+            self._route([s for s in rows for _ in range(seq_len)], rows, device)
+            if seq_len > 1 and self.active:  # prefill rows: SGMV segments, built if asked
+                self._prefill_rows = (rows, seq_len, device)
+            return
+        mixed = [((r, 1.0),) if isinstance(r, int) else r for r in rows]
+        width = max(len(m) for m in mixed)
+        padded = [(*m, *[(0, 0.0)] * (width - len(m))) for m in mixed]
+        self._reset()
+        self._token_slots = [m for m in padded for _ in range(seq_len)]
+        self.width = width
+        ids = {s for m in mixed for s, _ in m} - {0}
+        self.active = bool(ids) and seq_len > 0
+        if not self.active:
+            self.slots = torch.zeros(len(rows) * seq_len, dtype=torch.long).to(device)
+            return
+        self.rank = max(self.slot_rank.get(i, 1 << 30) for i in ids)
+
+        def tensors(per: list) -> tuple[Tensor, Tensor]:
+            slots = torch.tensor([[s for s, _ in m] for m in per], dtype=torch.long)
+            weights = torch.tensor([[w for _, w in m] for m in per], dtype=torch.float32)
+            return slots.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+
+        self.row_slots, self.row_weights = tensors(padded)
+        self.slots, self.weights = tensors(self._token_slots)
+        self._segments = None  # built on first use: only "segment" needs them
 
     def set_slots(self, slots: Tensor) -> None:
         """``slots``: one slot id per token, ``[B, S]`` or ``[T]``; 0 means the base model."""
@@ -407,28 +448,39 @@ class LoRAContext:
                 rows = [r[0] for r in per_row]
         self._route(tokens, rows, slots.device)
 
-    def set_static(self, row_slots: Tensor, rank: int, rank_probe: Tensor | None = None) -> None:
+    def set_static(
+        self,
+        row_slots: Tensor,
+        rank: int,
+        rank_probe: Tensor | None = None,
+        row_weights: Tensor | None = None,
+    ) -> None:
         """A static decode step's routing: one token per row, row ``b`` on ``row_slots[b]`` (a
-        preallocated device buffer the step fills), every layer computing with ``rank`` (a
-        rank bucket; 0 = no row uses an adapter, the LoRA path is skipped). Same shapes and
-        same code path whatever the slots: no one-adapter shortcut, no host copy of the slots
-        (only the ``gather`` and ``triton`` backends take this routing).
+        preallocated device buffer the step fills; ``[b, K]`` with ``row_weights [b, K]`` for
+        a step whose rows may mix adapters), every layer computing with ``rank`` (a rank
+        bucket; 0 = no row uses an adapter, the LoRA path is skipped). Same shapes and same
+        code path whatever the slots: no one-adapter shortcut, no host copy of the slots (only
+        the ``gather`` and ``triton`` backends take this routing).
 
         ``rank_probe``: a tensor of shape ``[rank]`` whose *size* the gather path reads as the
         rank, so a block compiled with dynamic shapes serves every rank bucket with one graph
         (a Python int would be a constant of the graph, one compilation per bucket)."""
-        self.single, self._segments = None, []
-        self._prefill_rows, self._kernel_segments = None, None
-        self._token_slots = []
+        self._reset()
         self.slots = self.row_slots = row_slots
+        self.weights = self.row_weights = row_weights
+        self.width = 1 if row_weights is None else row_slots.shape[1]
         self.active = rank > 0
         self.rank = rank
         self.rank_probe = rank_probe
 
-    def _route(self, tokens: list[int], rows: list[int] | None, device) -> None:
-        self.single, self.row_slots, self._segments = None, None, []
-        self.rank_probe = None
+    def _reset(self) -> None:
+        self.single, self.row_slots, self.row_weights, self._segments = None, None, None, []
+        self.weights, self.width, self.rank_probe = None, 1, None
         self._prefill_rows, self._kernel_segments = None, None
+        self._token_slots = []
+
+    def _route(self, tokens: list[int], rows: list[int] | None, device) -> None:
+        self._reset()
         self._token_slots = tokens
         self.slots = torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True)
         ids = sorted(set(tokens)) or [0]
@@ -442,7 +494,7 @@ class LoRAContext:
             return
         if rows is not None:
             self.row_slots = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
-        self._ids, self._segments = ids, None  # built on first use: only "segment" needs them
+        self._segments = None  # built on first use: only "segment" needs them
 
     @property
     def kernel_segments(self) -> Segments | None:
@@ -454,22 +506,48 @@ class LoRAContext:
         return self._kernel_segments
 
     @property
-    def segments(self) -> list[tuple[int, Tensor]]:
-        """``(slot, token indices)`` per distinct non-zero slot of this forward."""
+    def segments(self) -> list[tuple[int, Tensor, Tensor | None]]:
+        """``(slot, token indices, weights)`` per distinct non-zero slot of this forward; the
+        weights (one per index, float32) are None unless rows mix adapters."""
         if self._segments is None:
             device = self.slots.device
-            by_slot: dict[int, list[int]] = {}
-            for t, slot in enumerate(self._token_slots):
-                if slot:
-                    by_slot.setdefault(slot, []).append(t)
+            by_slot: dict[int, tuple[list[int], list[float]]] = {}
+            for t, route in enumerate(self._token_slots):
+                pairs = ((route, 1.0),) if isinstance(route, int) else route
+                for slot, weight in pairs:
+                    if slot:
+                        idx, weights = by_slot.setdefault(slot, ([], []))
+                        idx.append(t)
+                        weights.append(weight)
+
+            def tensor(values, dtype):
+                return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
             self._segments = [
-                (slot, torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True))
-                for slot, idx in sorted(by_slot.items())
+                (
+                    slot,
+                    tensor(idx, torch.long),
+                    tensor(weights, torch.float32) if self.width > 1 else None,
+                )
+                for slot, (idx, weights) in sorted(by_slot.items())
             ]
         return self._segments
 
     def clear(self) -> None:
         self.set_rows([], 0)
+
+
+def plain_route(route: Route) -> Route:
+    """``route`` as a plain slot when it is one: an int, or a one-member mixture of weight 1
+    (which therefore computes exactly what the plain adapter does)."""
+    if isinstance(route, int):
+        return route
+    pairs = tuple((int(s), float(w)) for s, w in route)
+    if not pairs:
+        raise ValueError("a mixture route needs at least one (slot, weight) pair")
+    if len(pairs) == 1 and pairs[0][1] == 1.0:
+        return pairs[0][0]
+    return pairs
 
 
 class BatchedLoRALinear(nn.Module):
@@ -481,6 +559,7 @@ class BatchedLoRALinear(nn.Module):
         for t in range(T):
             s = slots[t]
             y[t] += (x[t] @ A[s]) @ B[s]          # B[s] already holds the adapter's scale
+            # a token of a mixture row: for (s, w) in its pairs: y[t] += w * (x[t] @ A[s]) @ B[s]
 
     Backends, chosen once at construction:
 
@@ -583,10 +662,14 @@ class BatchedLoRALinear(nn.Module):
         return self._flat(x, y, self._loop)
 
     def _loop(self, x: Tensor, y: Tensor) -> Tensor:
-        slots = self.context._token_slots  # the reference: one token at a time, host-driven
+        routes = self.context._token_slots  # the reference: one token at a time, host-driven
         out = y.clone()
-        for t, s in enumerate(slots):
-            out[t] += (x[t] @ self.A[s].T) @ self.B[s]
+        for t, route in enumerate(routes):
+            if isinstance(route, int):
+                out[t] += (x[t] @ self.A[route].T) @ self.B[route]
+                continue
+            for s, w in route:  # a mixture: each member's delta, weighted
+                out[t] += ((x[t] @ self.A[s].T) * w) @ self.B[s]
         return out
 
     def _delta_segment(self, x: Tensor, y: Tensor) -> Tensor:
@@ -594,8 +677,11 @@ class BatchedLoRALinear(nn.Module):
 
     def _segments(self, x: Tensor, y: Tensor) -> Tensor:
         out, r = y.clone(), self.context.rank
-        for s, idx in self.context.segments:
-            out.index_add_(0, idx, (x.index_select(0, idx) @ self.A[s, :r].T) @ self.B[s, :r])
+        for s, idx, weights in self.context.segments:
+            h = x.index_select(0, idx) @ self.A[s, :r].T
+            if weights is not None:  # mixture members: each token's own weight
+                h = h * weights.to(h.dtype)[:, None]
+            out.index_add_(0, idx, h @ self.B[s, :r])
         return out
 
     def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
@@ -604,26 +690,57 @@ class BatchedLoRALinear(nn.Module):
             # read only the ranks in use, not max_rank of zero padding
             probe = self.context.rank_probe
             r = min(self.context.rank, self.max_rank) if probe is None else probe.shape[0]
-            op = self.context.row_op
+            op, weights = self.context.row_op, self.context.row_weights
             if op is not None and x.shape[1] == 1 and x.dtype == torch.float32:
                 # one token per row (decode): the tables read in place, no gathered copies
-                return op(x[:, 0], y[:, 0], self.A, self.B, rows, r)[:, None]
+                return op(x[:, 0], y[:, 0], self.A, self.B, rows, r, weights)[:, None]
+            if weights is not None:  # rows mix adapters: [B, width] slots
+                return y + self._mixed(x, rows, weights, r)
             h = torch.bmm(x, self.A[:, :r].index_select(0, rows).transpose(1, 2))  # [B, S, r]
             return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
         return self._flat(x, y, self._per_token)
+
+    def _mixed(self, x: Tensor, slots: Tensor, weights: Tensor, r: int) -> Tensor:
+        """The delta of rows that mix adapters: ``x [N, S, in]``, ``slots`` / ``weights [N,
+        K]`` -> ``[N, S, out]``. Each row's K members are one rank-``K*r`` adapter (their A
+        blocks stacked, their B blocks stacked, the weights on the intermediate): PEFT's "cat"
+        combination, gathered per row rather than built. Padding members (slot 0) add zeros."""
+        n, k = slots.shape
+        flat = slots.reshape(-1)
+        A = self.A[:, :r].index_select(0, flat).reshape(n, k * r, -1)  # [N, K*r, in]
+        h = torch.bmm(x, A.transpose(1, 2))  # [N, S, K*r]
+        h = h * weights.to(h.dtype).repeat_interleave(r, dim=1)[:, None, :]
+        B = self.B[:, :r].index_select(0, flat).reshape(n, k * r, -1)  # [N, K*r, out]
+        return torch.bmm(h, B)
 
     def _delta_kernels(self, x: Tensor, y: Tensor) -> Tensor:
         return self._flat(x, y, self._kernels)
 
     def _kernels(self, x: Tensor, y: Tensor) -> Tensor:
         ctx, r = self.context, self.context.rank
+        if ctx.weights is not None:  # rows mix adapters: one kernel entry per (token, member)
+            return self._kernels_mixed(x, y, ctx.slots, ctx.weights, r)
         h = self.kernels.shrink(x, self.A, ctx.slots, r, segments=ctx.kernel_segments)
         y = y.contiguous()
         self.kernels.expand(h, self.B, ctx.slots, r, y, segments=ctx.kernel_segments)
         return y
 
+    def _kernels_mixed(self, x: Tensor, y: Tensor, slots: Tensor, weights: Tensor, r: int):
+        """Tokens ``[T]`` with ``slots`` / ``weights [T, K]`` through the one-slot-per-token
+        kernels: each (token, member) pair is a kernel row (BGMV; padding members on slot 0 are
+        skipped by the kernels), the weight applied to the fp32 intermediate, and the K
+        partial deltas summed per token."""
+        t, k = slots.shape
+        h = self.kernels.shrink(x.repeat_interleave(k, dim=0), self.A, slots.reshape(-1), r)
+        h = h * weights.reshape(-1, 1)
+        parts = torch.zeros(t * k, y.shape[1], dtype=y.dtype, device=y.device)
+        self.kernels.expand(h, self.B, slots.reshape(-1), r, parts)
+        return y + parts.reshape(t, k, -1).sum(dim=1)
+
     def _per_token(self, x: Tensor, y: Tensor) -> Tensor:
         slots, r = self.context.slots, self.context.rank
+        if self.context.weights is not None:  # rows mix adapters: [T, width] slots
+            return y + self._mixed(x.unsqueeze(1), slots, self.context.weights, r).squeeze(1)
         A = self.A[:, :r].index_select(0, slots).transpose(1, 2)  # [T, in, r]
         h = torch.bmm(x.unsqueeze(1), A)  # [T, 1, r]
         return y + torch.bmm(h, self.B[:, :r].index_select(0, slots)).squeeze(1)  # [T, out]
@@ -664,7 +781,7 @@ class LoRASlotTable:
     def set_token_slots(self, slots: Tensor) -> None:
         self.context.set_slots(slots)
 
-    def set_row_slots(self, row_slots: Sequence[int], seq_len: int, device) -> None:
+    def set_row_slots(self, row_slots: Sequence[Route], seq_len: int, device) -> None:
         self.context.set_rows(row_slots, seq_len, device)
 
 

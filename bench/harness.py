@@ -42,7 +42,8 @@ NOISY = 0.15  # a repetition is redone when other processes kept more of the CPU
 
 @dataclass(frozen=True)
 class Workload:
-    adapters: tuple[str, ...]  # one entry per request; "" = base model
+    # one entry per request: an adapter, "" = base model, or a mixture spelled "a:0.5+b:0.5"
+    adapters: tuple[str, ...]
     batch: int = 32  # engine rows (max_batch_size); decode steps with this many rows are timed
     prompt_len: int = 32
     new_tokens: int = 32
@@ -52,7 +53,22 @@ class Workload:
 
     @property
     def distinct(self) -> list[str]:
-        return sorted({a for a in self.adapters if a})
+        return sorted({name for a in self.adapters for name in members(a)})
+
+
+def members(spec: str) -> list[str]:
+    """The adapter names a workload entry uses."""
+    return [part.partition(":")[0] for part in spec.split("+")] if spec else []
+
+
+def request_target(spec: str) -> dict:
+    """A workload entry as ``GenerationRequest`` fields: ``adapter``, or ``mixture``."""
+    from loraserve.server.engine import MixtureMember
+
+    if ":" not in spec:
+        return {"adapter": spec}
+    parts = [part.partition(":") for part in spec.split("+")]
+    return {"mixture": tuple(MixtureMember(name, float(w)) for name, _, w in parts)}
 
 
 def server_config(
@@ -253,7 +269,7 @@ def run_engine(config, work: Workload, vocab: int, thread: str = "caller") -> di
             rows = range(len(work.adapters)) if rows is None else rows
             params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
             handles = [
-                engine.submit(GenerationRequest(ps[i], params, adapter=work.adapters[i]))
+                engine.submit(GenerationRequest(ps[i], params, **request_target(work.adapters[i])))
                 for i in rows
             ]
             return [h.result().token_ids for h in handles]

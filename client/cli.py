@@ -11,11 +11,12 @@
     loraserve info                                        the server's model, device, limits
     loraserve hash-token < token.txt                      the --auth-file line for a token
 
-ADAPTER ``base`` or ``-`` means the base model alone (no adapter); PROMPT ``-`` reads the
-prompt from stdin. The target defaults to $LORASERVE_TARGET, else localhost:50051. ``--ca``,
-``--cert`` and ``--key`` imply ``--tls``. With ``--json`` every command prints one JSON object
-(``stream`` prints one per chunk, JSON lines). ``--wait-ready S`` first waits up to S seconds
-for the server to report SERVING (a server still loading its model answers UNAVAILABLE).
+ADAPTER ``base`` or ``-`` means the base model alone (no adapter); ``NAME:WEIGHT+NAME:WEIGHT``
+(``short:0.7+json:0.3``) is a mixture of adapters; PROMPT ``-`` reads the prompt from stdin.
+The target defaults to $LORASERVE_TARGET, else localhost:50051. ``--ca``, ``--cert`` and
+``--key`` imply ``--tls``. With ``--json`` every command prints one JSON object (``stream``
+prints one per chunk, JSON lines). ``--wait-ready S`` first waits up to S seconds for the
+server to report SERVING (a server still loading its model answers UNAVAILABLE).
 ``--token`` (default: $LORASERVE_TOKEN) is the bearer token for a server with ``--auth-file``.
 
 Exit status: 0 on success, 1 when the server reports an error (printed as
@@ -104,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument(
-        "adapter", metavar="ADAPTER", help='adapter name; "base" or "-" = the base model'
+        "adapter",
+        metavar="ADAPTER",
+        type=parse_adapter,
+        help='adapter name; "base" or "-" = the base model; NAME:WEIGHT+NAME:WEIGHT = a mixture',
     )
     sampling.add_argument("prompt", metavar="PROMPT", help='prompt text; "-" reads stdin')
     sampling.add_argument("--max-new-tokens", type=int, metavar="N")
@@ -168,6 +172,25 @@ def run_hash_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_adapter(text: str) -> str | dict[str, float]:
+    """ADAPTER: a name, the base model ("" for ``base`` / ``-``), or a mixture's members and
+    weights (``a:0.7+b:0.3``; a member without a weight weighs 1)."""
+    if text in BASE_MODEL_NAMES:
+        return ""
+    if ":" not in text and "+" not in text:
+        return text
+    members: dict[str, float] = {}
+    for part in text.split("+"):
+        name, _, weight = part.partition(":")
+        try:
+            members[name] = float(weight or 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"mixture member {part!r}: {weight!r} is not a number (NAME:WEIGHT+NAME:WEIGHT)"
+            ) from None
+    return members
+
+
 def read_file(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -179,7 +202,7 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
     """The arguments shared by ``generate`` and ``stream``."""
     return {
         "prompt": sys.stdin.read() if args.prompt == "-" else args.prompt,
-        "adapter": "" if args.adapter in BASE_MODEL_NAMES else args.adapter,
+        "adapter": args.adapter,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,

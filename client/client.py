@@ -11,6 +11,9 @@ Contract shared by both:
   replicas instead of hashing every one of them to the replica that owns "".
 - Prompts. A ``str`` goes in ``prompt`` (the server tokenizes); a sequence of ints goes in
   ``prompt_token_ids``.
+- Mixtures. ``adapter`` is a name, or a mapping of names to weights (``{"short": 0.7,
+  "json": 0.3}``): the server adds the adapters' deltas, weighted, at run time. The routing
+  header then names the first member.
 - Auth. ``token=`` sends ``authorization: Bearer TOKEN`` with every call, for a server started
   with ``--auth-file``; its errors are ``UNAUTHENTICATED`` and ``PERMISSION_DENIED``.
 - Sampling. Arguments left ``None`` stay unset in the request and the server applies its
@@ -37,7 +40,7 @@ import functools
 import inspect
 import random
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +64,28 @@ SERVICE_NAME = "loraserve.v1.LoraInference"
 
 Prompt = str | Sequence[int]
 ChannelOptions = Sequence[tuple[str, Any]]
+# an adapter's name ("" = the base model), or a mixture: names -> weights
+Adapter = str | Mapping[str, float]
 
 
-def adapter_metadata(adapter: str) -> tuple[tuple[str, str], ...]:
-    """The routing metadata for a call to ``adapter`` (none for the base model, see above)."""
-    return ((ADAPTER_METADATA_KEY, adapter),) if adapter else ()
+def adapter_metadata(adapter: Adapter) -> tuple[tuple[str, str], ...]:
+    """The routing metadata for a call to ``adapter`` (none for the base model, see above; a
+    mixture's first member)."""
+    name = adapter if isinstance(adapter, str) else next(iter(adapter), "")
+    return ((ADAPTER_METADATA_KEY, name),) if name else ()
+
+
+def adapter_fields(adapter: Adapter) -> dict:
+    """``adapter`` as the request fields that carry it: ``adapter``, or ``adapters``."""
+    if isinstance(adapter, str):
+        return {"adapter": adapter}
+    if not adapter:
+        raise ValueError("a mixture needs at least one adapter")
+    return {"adapters": [pb.AdapterWeight(name=n, weight=float(w)) for n, w in adapter.items()]}
 
 
 def generate_request(
-    prompt: Prompt, adapter: str, params: SamplingParams, request_id: str
+    prompt: Prompt, adapter: Adapter, params: SamplingParams, request_id: str
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a text prompt or a prompt of token ids."""
     if isinstance(prompt, str):
@@ -79,7 +95,7 @@ def generate_request(
     else:
         text, token_ids = "", list(prompt)
     return pb.GenerateRequest(
-        adapter=adapter,
+        **adapter_fields(adapter),
         prompt=text,
         prompt_token_ids=token_ids,
         params=params.to_pb(),
@@ -89,13 +105,13 @@ def generate_request(
 
 def chat_request(
     messages: Sequence[dict[str, str]],
-    adapter: str,
+    adapter: Adapter,
     params: SamplingParams,
     request_id: str,
     add_generation_prompt: bool,
 ) -> pb.ChatRequest:
     return pb.ChatRequest(
-        adapter=adapter,
+        **adapter_fields(adapter),
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         params=params.to_pb(),
         request_id=request_id,
@@ -174,7 +190,7 @@ class Calls:
     @staticmethod
     def generate(
         prompt: Prompt,
-        adapter: str = "",
+        adapter: Adapter = "",
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
@@ -187,7 +203,8 @@ class Calls:
         request_id: str = "",
         timeout: float | None = None,
     ) -> Completion:
-        """Generate a whole completion with ``adapter`` ("" = the base model)."""
+        """Generate a whole completion with ``adapter`` ("" = the base model; a mapping of
+        names to weights = a mixture)."""
         params = SamplingParams(
             max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
         )
@@ -197,7 +214,7 @@ class Calls:
     @staticmethod
     def stream(
         prompt: Prompt,
-        adapter: str = "",
+        adapter: Adapter = "",
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
@@ -223,7 +240,7 @@ class Calls:
     @staticmethod
     def chat(
         messages: Sequence[dict[str, str]],
-        adapter: str = "",
+        adapter: Adapter = "",
         *,
         add_generation_prompt: bool = True,
         max_new_tokens: int | None = None,
@@ -253,7 +270,7 @@ class Calls:
     @staticmethod
     def chat_stream(
         messages: Sequence[dict[str, str]],
-        adapter: str = "",
+        adapter: Adapter = "",
         *,
         add_generation_prompt: bool = True,
         max_new_tokens: int | None = None,
@@ -284,14 +301,14 @@ class Calls:
     def score(
         prompt: str,
         continuations: Sequence[str],
-        adapter: str = "",
+        adapter: Adapter = "",
         *,
         request_id: str = "",
         timeout: float | None = None,
     ) -> list[Score]:
         """log P(continuation | prompt) under ``adapter`` for each continuation."""
         request = pb.ScoreRequest(
-            adapter=adapter,
+            **adapter_fields(adapter),
             prompt=prompt,
             continuations=list(continuations),
             request_id=request_id,

@@ -8,7 +8,7 @@ plain strings.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from loraserve.v1 import inference_pb2 as pb
 
@@ -117,6 +117,8 @@ class Completion:
     request_id: str
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 2..n, when asked for
+    # a mixture's members -> the version of each that served it (adapter is then "")
+    adapter_versions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_pb(cls, msg: pb.GenerateResponse) -> Completion:
@@ -131,7 +133,12 @@ class Completion:
             request_id=msg.request_id,
             logprobs=_logprobs(msg.logprobs),
             prompt_logprobs=_logprobs(msg.prompt_logprobs),
+            adapter_versions=_versions(msg.adapter_versions),
         )
+
+
+def _versions(values) -> dict[str, str]:
+    return {v.name: v.version for v in values}
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,7 @@ class StreamChunk:
     request_id: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    adapter_versions: dict[str, str] = field(default_factory=dict)  # on the last chunk
 
     @property
     def is_last(self) -> bool:
@@ -186,6 +194,7 @@ class StreamChunk:
             request_id=msg.request_id,
             logprobs=_logprobs(msg.logprobs),
             prompt_logprobs=_logprobs(msg.prompt_logprobs),
+            adapter_versions=_versions(msg.adapter_versions),
         )
 
 
@@ -231,6 +240,7 @@ class ServerInfo:
     running_requests: int
     waiting_requests: int
     server_version: str
+    max_mixture: int = 1  # most adapters one request may mix
 
     @classmethod
     def from_pb(cls, msg: pb.ServerInfo) -> ServerInfo:

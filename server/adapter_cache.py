@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from loraserve.adapters.format import Adapter, InvalidAdapter
-from loraserve.adapters.lora import LoRASlotTable
+from loraserve.adapters.lora import LoRASlotTable, Route
 from loraserve.server.errors import AdapterUnavailable
 from loraserve.server.registry import AdapterEntry, AdapterRegistry
 
@@ -199,7 +199,7 @@ class AdapterCache:
         if self._refs[slot] == 0:
             self._idle[slot] = None  # most recently used end
 
-    def set_row_slots(self, row_slots: list[int], seq_len: int, device) -> None:
+    def set_row_slots(self, row_slots: list[Route], seq_len: int, device) -> None:
         self.table.set_row_slots(row_slots, seq_len, device)
 
     def resident(self) -> dict[str, int]:

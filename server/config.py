@@ -85,6 +85,11 @@ class ServerConfig:
         4 << 30, "host memory for cached adapters (e.g. 4GiB)", parse=parse_bytes, shown="4GiB"
     )
     max_lora_rank: int = setting(64, "largest adapter rank the slot tables hold")
+    max_mixture: int = setting(
+        4,
+        "most adapters one request may mix (weighted, computed at run time; each member takes "
+        "a device slot while it runs); 1 = no mixtures",
+    )
     lora_targets: str = setting(
         "all-linear", "base layers adapters may target (PEFT target_modules syntax)"
     )
@@ -150,6 +155,8 @@ class ServerConfig:
             max_seq_len=self.max_seq_len,
             max_queue=self.max_queue,
             prefill_token_budget=self.prefill_token_budget,
+            # a mixture's members are in device slots at once
+            max_mixture=max(1, min(self.max_mixture, self.max_active_adapters)),
         )
 
 

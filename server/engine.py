@@ -17,6 +17,8 @@ Continuous batching. Every ``step``:
 
 Rows of different adapters share each forward: every token carries its adapter's slot in the
 batched LoRA layers (``loraserve.adapters.lora.BatchedLoRALinear``), slot 0 being the base model.
+A request may mix adapters (``GenerationRequest.mixture``): its rows carry every member's slot
+and weight, and it is admitted once all its members are pinned in slots at the same time.
 
 KV cache: static per-sequence rows. ``max_batch_size`` rows of ``max_seq_len`` positions are
 allocated once at start-up; a sequence takes a free row when admitted and gives it back the step
@@ -87,6 +89,25 @@ class EngineConfig:
     max_queue: int = 256
     # prompt tokens admitted per step; bounds how long running decodes wait for a prefill
     prefill_token_budget: int = 2048
+    max_mixture: int = 4  # most adapters one request may mix
+
+
+MAX_MIXTURE_WEIGHT = 100.0  # |weight| of a mixture member
+
+
+@dataclass(frozen=True)
+class MixtureMember:
+    """One adapter of a mixture and its weight: the request's rows get
+    ``sum_i weight_i * s_i * (x A_i) B_i`` (PEFT's ``add_weighted_adapter(...,
+    combination_type="cat")``, computed at run time)."""
+
+    name: str
+    weight: float
+
+
+def mixture_name(members: tuple[MixtureMember, ...]) -> str:
+    """How a mixture is spelled in logs and in the OpenAI API's ``model``: ``a:0.7+b:0.3``."""
+    return "+".join(f"{m.name}:{m.weight:g}" for m in members)
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,21 @@ class GenerationRequest:
     adapter: str = ""  # "" = the base model
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() after which the request is cancelled
+    # several adapters at once, weighted (``adapter`` is then ""); () = not a mixture
+    mixture: tuple[MixtureMember, ...] = ()
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters the request uses: its mixture's members, its adapter, or none."""
+        if self.mixture:
+            return tuple(m.name for m in self.mixture)
+        return (self.adapter,) if self.adapter else ()
+
+    @property
+    def target(self) -> str:
+        """What the request runs on, for logs and errors: the adapter, the spelled mixture,
+        or "" for the base model."""
+        return mixture_name(self.mixture) if self.mixture else self.adapter
 
 
 @dataclass(frozen=True)
@@ -115,6 +151,8 @@ class FinishEvent:
     completion_tokens: int
     adapter_version: str = ""
     error: ServingError | None = None
+    # a mixture's members as (name, version), in the request's order; () otherwise
+    adapter_versions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +165,7 @@ class Completion:
     adapter_version: str
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    adapter_versions: tuple[tuple[str, str], ...] = ()
 
 
 Event = TokenEvent | FinishEvent
@@ -183,6 +222,7 @@ class RequestHandle:
                 event.adapter_version,
                 logprobs,
                 prompt,
+                event.adapter_versions,
             )
         if isinstance(self._outcome, Exception):
             raise self._outcome
@@ -207,18 +247,36 @@ class BaseOnlyAdapters:
         pass
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a request's adapters sit while it runs: its route for the LoRA layers (a slot, 0 =
+    the base model, or a mixture's ``(slot, weight)`` pairs), the slots it pins, and the
+    versions it runs (one per mixture member)."""
+
+    route: int | tuple[tuple[int, float], ...]
+    slots: tuple[int, ...]
+    versions: tuple[str, ...]
+
+
+BASE_PLACEMENT = Placement(0, (), ())
+
+
 class _Sequence:
-    """One admitted request: its KV row, adapter slot, generated tokens and text state."""
+    """One admitted request: its KV row, adapter slots, generated tokens and text state."""
 
     def __init__(
-        self, handle: RequestHandle, row: int, slot: int, version: str, detok, t_arrival: float
+        self, handle: RequestHandle, row: int, placement: Placement, detok, t_arrival: float
     ):
         self.handle = handle
         self.request = handle.request
         self.params = handle.request.params
         self.row = row
-        self.slot = slot
-        self.version = version
+        self.placement = placement
+        self.route = placement.route
+        # the plain adapter's version ("" for the base model and for mixtures, whose members'
+        # versions are reported one by one)
+        plain = placement.versions and not handle.request.mixture
+        self.version = placement.versions[0] if plain else ""
         self.generator = make_generator(self.params)
         self.prompt_len = len(self.request.prompt_ids)
         self.position = self.prompt_len  # where last_token's k/v go on the next decode
@@ -278,8 +336,8 @@ class Engine:
         """Validate and enqueue; raises ``InvalidRequest``, ``QueueFull``, ``ShuttingDown``,
         ``AdapterNotFound`` / ``AdapterUnavailable`` synchronously so callers get them at once."""
         self.validate(request)
-        if request.adapter:
-            self.adapters.resolve(request.adapter)
+        for name in request.adapter_names:
+            self.adapters.resolve(name)
         handle = RequestHandle(request, on_event)
         with self._lock:
             if not self._accepting:
@@ -295,6 +353,8 @@ class Engine:
 
     def validate(self, request: GenerationRequest) -> None:
         ids, p, cfg = request.prompt_ids, request.params, self.config
+        if request.mixture:
+            self._validate_mixture(request)
         if not ids:
             raise InvalidRequest("prompt", "is empty (give prompt text or prompt_token_ids)")
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -334,6 +394,28 @@ class Engine:
                 f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} chars",
             )
 
+    def _validate_mixture(self, request: GenerationRequest) -> None:
+        members, most = request.mixture, self.config.max_mixture
+        if request.adapter:
+            raise InvalidRequest("adapters", "give adapter or adapters (a mixture), not both")
+        if len(members) > most:
+            raise InvalidRequest(
+                "adapters", f"{len(members)} adapters; this server mixes at most {most}"
+            )
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise InvalidRequest("adapters", f"names {twice!r} more than once")
+        for i, m in enumerate(members):
+            if not m.name:
+                raise InvalidRequest(f"adapters[{i}].name", "is empty")
+            if not abs(m.weight) <= MAX_MIXTURE_WEIGHT:  # also refuses NaN
+                raise InvalidRequest(
+                    f"adapters[{i}].weight",
+                    f"must be a finite number in [-{MAX_MIXTURE_WEIGHT:g}, "
+                    f"{MAX_MIXTURE_WEIGHT:g}], got {m.weight}",
+                )
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             running, waiting = len(self._running), len(self._waiting)
@@ -350,8 +432,8 @@ class Engine:
     def adapters_in_flight(self) -> tuple[frozenset[str], frozenset[str]]:
         """Names of the adapters with requests running, and waiting (any thread)."""
         with self._lock:
-            running = frozenset(s.request.adapter for s in self._running if s.request.adapter)
-            waiting = frozenset(h.request.adapter for h, _ in self._waiting if h.request.adapter)
+            running = frozenset(n for s in self._running for n in s.request.adapter_names)
+            waiting = frozenset(n for h, _ in self._waiting for n in h.request.adapter_names)
         return running, waiting
 
     # ---------------------------------------------------------------- thread control
@@ -477,25 +559,23 @@ class Engine:
             if admitted and n > budget:
                 break  # keep arrival order: the next step starts with this one
             try:
-                placed = self._place(handle.request.adapter)
+                placed = self._place(handle.request)
             except Exception as err:  # retired or broken while it waited, or a slot fill failed
                 if not isinstance(err, ServingError):
-                    log.exception("placing adapter %r failed", handle.request.adapter)
+                    log.exception("placing adapter %r failed", handle.request.target)
                     err = ServingError(f"internal error: {err}")
                 self._dequeue(handle)
                 _deliver(handle, FinishEvent(FinishReason.ERROR, n, 0, error=err))
                 continue
             if placed is None:
                 continue  # adapter loading; requests behind it may go ahead
-            slot, version = placed
             self._dequeue(handle)
             try:
                 detok = IncrementalDetokenizer(self.tokenizer, handle.request.prompt_ids)
-                seq = _Sequence(handle, self._free_rows[0], slot, version, detok, t_arrival)
-            except Exception as err:  # the slot is pinned and the request dequeued: undo both
+                seq = _Sequence(handle, self._free_rows[0], placed, detok, t_arrival)
+            except Exception as err:  # the slots are pinned and the request dequeued: undo both
                 log.exception("starting request %r failed", handle.request.request_id)
-                if slot:
-                    self.adapters.release(slot)
+                self._unpin(placed.slots)
                 error = ServingError(f"internal error: {err}")
                 _deliver(handle, FinishEvent(FinishReason.ERROR, n, 0, error=error))
                 continue
@@ -503,17 +583,43 @@ class Engine:
             with self._lock:
                 self._running.append(seq)
             if self.metrics is not None:
-                self.metrics.observe_queue_time(
-                    handle.request.adapter, time.monotonic() - t_arrival
-                )
+                for name in _metric_names(handle.request):
+                    self.metrics.observe_queue_time(name, time.monotonic() - t_arrival)
             admitted.append(seq)
             budget -= n
         return admitted
 
-    def _place(self, adapter: str) -> tuple[int, str] | None:
-        if not adapter:
-            return 0, ""
-        return self.adapters.acquire(adapter)
+    def _place(self, request: GenerationRequest) -> Placement | None:
+        """Pin a device slot for each adapter ``request`` uses; None while any is loading or
+        waiting for a slot (then none stays pinned: a mixture holds its members all at once
+        or not at all, so two mixtures can never each hold half of what the other needs)."""
+        if not request.adapter_names:
+            return BASE_PLACEMENT
+        pinned: list[tuple[int, str]] = []
+        waiting = False
+        try:
+            for name in request.adapter_names:  # every member asked: their loads overlap
+                placed = self.adapters.acquire(name)
+                if placed is None:
+                    waiting = True
+                else:
+                    pinned.append(placed)
+        except BaseException:
+            self._unpin([slot for slot, _ in pinned])
+            raise
+        if waiting:
+            self._unpin([slot for slot, _ in pinned])
+            return None
+        slots = tuple(slot for slot, _ in pinned)
+        versions = tuple(version for _, version in pinned)
+        if not request.mixture:
+            return Placement(slots[0], slots, versions)
+        route = tuple((slot, m.weight) for slot, m in zip(slots, request.mixture))
+        return Placement(route, slots, versions)
+
+    def _unpin(self, slots) -> None:
+        for slot in slots:
+            self.adapters.release(slot)
 
     def _dequeue(self, handle: RequestHandle) -> None:
         with self._lock:
@@ -558,8 +664,8 @@ class Engine:
             if k is None:
                 continue
 
-            def logits_at(start: int, stop: int, i: int = i, slot: int = seq.slot):
-                self.adapters.set_row_slots([slot], stop - start, self.device)
+            def logits_at(start: int, stop: int, i: int = i, route=seq.route):
+                self.adapters.set_row_slots([route], stop - start, self.device)
                 return self.model.head(hidden[i : i + 1, start:stop])[0]
 
             try:
@@ -577,7 +683,7 @@ class Engine:
 
     def _fail_row(self, seq: _Sequence, error: ServingError) -> None:
         """One row of a batch failed (non-finite logits, a failed draw): it finishes alone."""
-        adapter = seq.request.adapter or "(base model)"
+        adapter = seq.request.target or "(base model)"
         if isinstance(error, NonFiniteLogits):
             error = NonFiniteLogits(
                 f" (adapter {adapter}, version {seq.version or '-'}, "
@@ -612,7 +718,7 @@ class Engine:
                 s.kv_written = max(s.kv_written, s.position + 1)
             if self.decoder is not None:  # decoding rows are 0..n-1: see _compact
                 tokens, positions = [s.last_token for s in seqs], [s.position for s in seqs]
-                return self.decoder(tokens, positions, [s.slot for s in seqs])
+                return self.decoder(tokens, positions, [s.route for s in seqs])
             ids = torch.tensor([[s.last_token] for s in seqs])
             positions = torch.tensor([[s.position] for s in seqs])
             last = torch.zeros(len(seqs), dtype=torch.long)
@@ -620,7 +726,7 @@ class Engine:
         row_ids = [s.row for s in seqs]
         rows = None if row_ids == list(range(len(seqs))) else torch.tensor(row_ids)
         dev = self.device
-        self.adapters.set_row_slots([s.slot for s in seqs], ids.shape[1], dev)
+        self.adapters.set_row_slots([s.route for s in seqs], ids.shape[1], dev)
         return self.model(
             ids.to(dev),
             positions=positions.to(dev),
@@ -638,7 +744,8 @@ class Engine:
             if seq.generated:
                 self.metrics.observe_inter_token(now - seq.t_last)
             else:
-                self.metrics.observe_first_token(seq.request.adapter, now - seq.t_arrival)
+                for name in _metric_names(seq.request):
+                    self.metrics.observe_first_token(name, now - seq.t_arrival)
         seq.t_last = now
         seq.generated.append(token)
         if logprob is not None:
@@ -703,12 +810,26 @@ class Engine:
         if self.kv_cache is not None:  # the next owner of the row must find nothing of ours
             self.kv_cache.clear_row(seq.row, seq.kv_written)
         heapq.heappush(self._free_rows, seq.row)
-        if seq.slot:
-            self.adapters.release(seq.slot)
-        event = FinishEvent(reason, seq.prompt_len, len(seq.generated), seq.version, error)
+        self._unpin(seq.placement.slots)
+        members = seq.request.adapter_names if seq.request.mixture else ()
+        event = FinishEvent(
+            reason,
+            seq.prompt_len,
+            len(seq.generated),
+            seq.version,
+            error,
+            tuple(zip(members, seq.placement.versions)),
+        )
         if self.metrics is not None:
-            self.metrics.observe_finish(seq.request.adapter, event)
+            for name in _metric_names(seq.request):
+                self.metrics.observe_finish(name, event)
         _deliver(seq.handle, event)
+
+
+def _metric_names(request: GenerationRequest) -> tuple[str, ...]:
+    """The adapter labels a request is counted under: each mixture member, its adapter, or ""
+    (the base model)."""
+    return request.adapter_names or ("",)
 
 
 def _deliver(handle: RequestHandle, event: Event) -> None:

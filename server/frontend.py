@@ -78,11 +78,13 @@ class Frontend:
         except UnencodableText as err:
             raise InvalidRequest(field, str(err)) from None
 
-    def chat_template(self, adapter: str) -> ChatTemplate:
-        """The adapter's template if it carries one, else the base model's."""
+    def chat_template(self, adapter: str | Sequence[str]) -> ChatTemplate:
+        """The adapter's template if it carries one, else the base model's. For a mixture
+        (several names), the first member's that carries one."""
         base = self.runtime.chat_template
-        if adapter:
-            entry = self.runtime.registry.resolve(adapter)  # AdapterNotFound / Unavailable
+        names = [adapter] if isinstance(adapter, str) else list(adapter)
+        for name in filter(None, names):
+            entry = self.runtime.registry.resolve(name)  # AdapterNotFound / Unavailable
             if entry.chat_template is not None:
                 return ChatTemplate(
                     entry.chat_template,
@@ -90,6 +92,7 @@ class Frontend:
                     eos_token=base.eos_token if base else None,
                 )
         if base is None:
+            adapter = "+".join(names)
             what = f"adapter {adapter!r} carries none and the" if adapter else "the"
             raise NoChatTemplate(
                 f"no chat template: {what} base model {self.runtime.config.model!r} has no "
@@ -100,7 +103,7 @@ class Frontend:
 
     async def chat_ids(
         self,
-        adapter: str,
+        adapter: str | Sequence[str],
         messages: Sequence[dict],
         add_generation_prompt: bool = True,
         field: str = "messages",

@@ -2,7 +2,9 @@
 
 ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as
 server-sent events ending with ``data: [DONE]``), and ``GET /health``. ``model`` names an
-adapter, or the base model by its served name; the official ``openai`` client works unchanged.
+adapter, the base model by its served name, or a mixture of adapters spelled
+``NAME:WEIGHT+NAME:WEIGHT`` (``short:0.7+json:0.3``; names cannot hold ``:`` or ``+``); the
+official ``openai`` client works unchanged.
 
 The stack is Starlette on uvicorn: both are small, widely used and maintained, run on the
 asyncio loop the gRPC server already uses (one process, one engine, no second framework's
@@ -31,7 +33,14 @@ from dataclasses import dataclass, replace
 
 from loraserve.adapters.format import InvalidAdapter
 from loraserve.server.auth import Tenant
-from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
+from loraserve.server.engine import (
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    MixtureMember,
+    TokenEvent,
+    mixture_name,
+)
 from loraserve.server.errors import (
     AdapterNotFound,
     AdapterUnavailable,
@@ -240,20 +249,41 @@ class OpenAIApp:
         auth = self.server.auth
         return None if auth is None else auth.authorize(request.headers.get("authorization"))
 
-    def permit(self, tenant: Tenant | None, model: str) -> None:
-        """Raise ``PermissionDenied`` when ``model`` is not the tenant's to use, before it is
-        looked up (the answer does not say whether it exists)."""
-        adapter = "" if model == self.base_name else model
-        if tenant is not None and not tenant.may_use(adapter):
-            raise PermissionDenied(adapter, tenant.name)
-
-    def adapter_for(self, front: Frontend, model: str) -> str:
-        """The adapter ``model`` names ("" = the base model); raises ``AdapterNotFound``."""
+    def target_of(self, model: str) -> Target:
+        """What ``model`` names, from its spelling alone (nothing is looked up)."""
         if model == self.base_name:
-            return ""
-        Frontend.check_adapter_name(model, "model")
-        front.runtime.registry.resolve(model)
-        return model
+            return Target()
+        if ":" not in model and "+" not in model:
+            return Target(adapter=model)
+        members = []
+        for i, part in enumerate(model.split("+")):
+            name, colon, weight = part.partition(":")
+            if not colon:
+                weight = "1"
+            try:
+                value = float(weight)
+            except ValueError:
+                raise InvalidRequest(
+                    "model",
+                    f"mixture member {i} ({part[:64]!r}): {weight[:32]!r} is not a number; "
+                    "spell a mixture NAME:WEIGHT+NAME:WEIGHT",
+                ) from None
+            members.append(MixtureMember(name, value))
+        return Target(mixture=tuple(members))
+
+    def permit(self, tenant: Tenant | None, target: Target) -> None:
+        """Raise ``PermissionDenied`` when anything ``target`` names is not the tenant's to
+        use, before it is looked up (the answer does not say whether it exists)."""
+        for name in target.names if tenant is not None else ():
+            if not tenant.may_use(name):
+                raise PermissionDenied(name, tenant.name)
+
+    def resolve(self, front: Frontend, target: Target) -> None:
+        """Check the names ``target`` holds and that they are deployed (``AdapterNotFound``)."""
+        for i, name in enumerate(filter(None, target.names)):
+            field = f"model (mixture member {i})" if target.mixture else "model"
+            Frontend.check_adapter_name(name, field)
+            front.runtime.registry.resolve(name)
 
     async def _serve(
         self,
@@ -265,7 +295,7 @@ class OpenAIApp:
     ) -> Response:
         """The shared part of both generation endpoints: parse, build the choices, then answer
         in one response or as a stream; errors in OpenAI's shape; metrics and a log line."""
-        t0, adapter, code, streaming, tenant = time.monotonic(), "", "OK", False, None
+        t0, adapter, code, streaming, tenant = time.monotonic(), Target(), "OK", False, None
         try:
             tenant = self.tenant_of(request)
             front = self.front
@@ -273,8 +303,10 @@ class OpenAIApp:
             model = fields.get("model", (str,))
             if model is None:
                 raise InvalidRequest("model", "is required")
-            self.permit(tenant, model)
-            adapter = self.adapter_for(front, model)
+            target = self.target_of(model)
+            self.permit(tenant, target)
+            self.resolve(front, target)
+            adapter = target
             choices = await build(front, fields, adapter)
             if len(choices) > front.runtime.config.max_queue:
                 raise InvalidRequest(
@@ -290,6 +322,8 @@ class OpenAIApp:
                 try:
                     front.runtime.engine.validate(_request(c, adapter))
                 except InvalidRequest as err:  # the engine's names for OpenAI's fields
+                    if err.field.startswith("adapters"):  # a mixture spelled in `model`
+                        raise InvalidRequest("model", f"the mixture's {err}") from None
                     field = _FIELD_NAMES.get(err.field, err.field)
                     raise InvalidRequest(field, str(err).split(": ", 1)[-1]) from None
             if fields.get("stream", (bool,), False):
@@ -319,7 +353,7 @@ class OpenAIApp:
                 self._record(method, adapter, code, t0, tenant)
 
     def _record(
-        self, method: str, adapter: str, code: str, t0: float, tenant: Tenant | str | None
+        self, method: str, adapter: Target, code: str, t0: float, tenant: Tenant | str | None
     ) -> None:
         name = tenant.name if isinstance(tenant, Tenant) else tenant
         if name is None and self.server.auth is not None:
@@ -328,20 +362,21 @@ class OpenAIApp:
         log.info(
             "%s adapter=%r%s: %s in %.3fs",
             method,
-            adapter[:128],
+            str(adapter)[:256],
             "" if name is None else f" tenant={name!r}",
             code,
             seconds,
         )
         front = self.server.servicer.front
         if front is not None:
-            front.runtime.metrics.observe_request(adapter, method, code, seconds, name)
+            for label in adapter.names:  # a mixture counts for each member
+                front.runtime.metrics.observe_request(label, method, code, seconds, name)
 
     async def _sse(
         self,
         body: AsyncIterator[dict],
         method: str,
-        adapter: str,
+        adapter: Target,
         t0: float,
         tenant: Tenant | None,
     ):
@@ -396,12 +431,13 @@ class OpenAIApp:
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         try:
-            self.permit(self.tenant_of(request), name)
-            front = self.front
-            adapter = self.adapter_for(front, name)
+            target = self.target_of(name)
+            self.permit(self.tenant_of(request), target)
+            self.resolve(self.front, target)
         except Exception as err:
             return error_response(err)
-        return JSONResponse(self._model_card(name, self.base_name if adapter else None))
+        base = target == Target()
+        return JSONResponse(self._model_card(name, None if base else self.base_name))
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(
@@ -419,7 +455,7 @@ class OpenAIApp:
 
     # ---------------------------------------------------------------- /v1/completions
 
-    async def _completion_choices(self, front: Frontend, f: Fields, adapter: str):
+    async def _completion_choices(self, front: Frontend, f: Fields, adapter: Target):
         _refuse_unsupported(f)
         f.unsupported("suffix", lambda v: v == "")
         n = f.integer("n", 1, 1, MAX_N)
@@ -538,7 +574,7 @@ class OpenAIApp:
 
     # ---------------------------------------------------------------- /v1/chat/completions
 
-    async def _chat_choices(self, front: Frontend, f: Fields, adapter: str):
+    async def _chat_choices(self, front: Frontend, f: Fields, adapter: Target):
         _refuse_unsupported(f)
         f.unsupported("tools", lambda v: v == [])
         f.unsupported("tool_choice", lambda v: v == "none")
@@ -550,7 +586,7 @@ class OpenAIApp:
             raise InvalidRequest("top_logprobs", "needs logprobs: true")
         messages = _messages(f.get("messages", (list,), None))
         add = f.get("add_generation_prompt", (bool,), True)
-        ids = await front.chat_ids(adapter, messages, add)
+        ids = await front.chat_ids(adapter.names, messages, add)
         room = front.max_seq_len - len(ids)
         limit = f.integer("max_completion_tokens", None, 1, front.max_seq_len)
         if limit is None:
@@ -648,7 +684,7 @@ class OpenAIApp:
             logprobs=logprobs,
         )
 
-    async def _run(self, front: Frontend, c: Choice, adapter: str):
+    async def _run(self, front: Frontend, c: Choice, adapter: Target):
         """One choice to the end: (text, token ids, logprobs, prompt logprobs, finish event)."""
         text, ids, logprobs, prompt, last = [], [], [], [], None
         async for event in front.events(_request(c, adapter)):
@@ -786,8 +822,24 @@ def _head(prefix: str, kind: str, model: str) -> dict:
     }
 
 
-def _request(c: Choice, adapter: str) -> GenerationRequest:
-    return GenerationRequest(c.prompt_ids, c.params, adapter)
+@dataclass(frozen=True)
+class Target:
+    """What a request's ``model`` names: the base model, an adapter, or a mixture."""
+
+    adapter: str = ""
+    mixture: tuple[MixtureMember, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """The adapters it uses ("" = the base model), each checked against permissions."""
+        return [m.name for m in self.mixture] or [self.adapter]
+
+    def __str__(self) -> str:
+        return mixture_name(self.mixture) if self.mixture else self.adapter
+
+
+def _request(c: Choice, adapter: Target) -> GenerationRequest:
+    return GenerationRequest(c.prompt_ids, c.params, adapter.adapter, mixture=adapter.mixture)
 
 
 def _finish(event: FinishEvent) -> str:
@@ -823,7 +875,7 @@ class _Usage:
         }
 
 
-def _submit_all(front: Frontend, choices: list[Choice], adapter: str) -> list[tuple]:
+def _submit_all(front: Frontend, choices: list[Choice], adapter: Target) -> list[tuple]:
     """Queue every choice now, or none: a refusal cancels those already queued."""
     submitted = []
     try:

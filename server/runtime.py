@@ -252,13 +252,15 @@ class Runtime:
             max_rank=config.max_lora_rank,
             mode=self.decode_mode,
             device=self.device,
+            max_mixture=config.engine_config().max_mixture,
         )
         self._use_row_op(config)
         log.info(
-            "decode step %s: warming up batch buckets %s x rank buckets %s",
+            "decode step %s: warming up batch buckets %s x rank buckets %s x widths %s",
             self.decode_mode,
             decoder.buckets,
             decoder.ranks,
+            decoder.widths,
         )
         try:
             seconds = decoder.warm_up()

@@ -26,7 +26,14 @@ import grpc
 from google.protobuf.message import DecodeError
 from loraserve.adapters.format import InvalidAdapter
 from loraserve.server.auth import AuthState, Tenant
-from loraserve.server.engine import FinishEvent, FinishReason, GenerationRequest, TokenEvent
+from loraserve.server.engine import (
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    MixtureMember,
+    TokenEvent,
+    mixture_name,
+)
 from loraserve.server.errors import (
     AdapterNotFound,
     AdapterUnavailable,
@@ -81,6 +88,26 @@ def status_for(err: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def mixture_from_pb(members) -> tuple[MixtureMember, ...]:
+    """A request's ``adapters`` field; member names are checked like ``adapter``."""
+    for i, m in enumerate(members):
+        Frontend.check_adapter_name(m.name, f"adapters[{i}].name")
+    return tuple(MixtureMember(m.name, m.weight) for m in members)
+
+
+def adapter_names(request) -> list[str]:
+    """The adapters a request names: its mixture's members, else its adapter ("" = the base
+    model), each checked against the caller's permissions."""
+    return [m.name for m in request.adapters] or [request.adapter]
+
+
+def target(request) -> str:
+    """What a request runs on, for logs: the adapter, or the spelled mixture."""
+    if request.adapters:
+        return mixture_name(tuple(MixtureMember(m.name, m.weight) for m in request.adapters))
+    return request.adapter
+
+
 def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS,
@@ -103,15 +130,20 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         self.model_name = model_name
         self.auth = auth  # None: no --auth-file, every caller may use everything
 
-    def authorize(self, context, adapter: str | None) -> Tenant | None:
-        """The caller's tenant (None with auth off); raises ``Unauthenticated`` or
-        ``PermissionDenied`` (see ``AuthState.authorize``)."""
+    def authorize(self, context, adapters: list[str] | None) -> Tenant | None:
+        """The caller's tenant (None with auth off); raises ``Unauthenticated``, or
+        ``PermissionDenied`` for the first of ``adapters`` it may not use (see
+        ``AuthState.authorize``)."""
         if self.auth is None:
             return None
         header = next(
             (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
         )
-        return self.auth.authorize(header if isinstance(header, str) else None, adapter)
+        tenant = self.auth.authorize(header if isinstance(header, str) else None)
+        for name in adapters or ():
+            if not tenant.may_use(name):
+                raise PermissionDenied(name, tenant.name)
+        return tenant
 
     @property
     def runtime(self) -> Runtime | None:
@@ -124,13 +156,17 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     # ------------------------------------------------------------------ conversions
 
-    def _common(self, adapter: str, request_id: str) -> None:
-        """The cheap checks every generation request gets before any work."""
-        Frontend.check_adapter_name(adapter)
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
+    def _common(self, request) -> tuple[MixtureMember, ...]:
+        """The cheap checks every generation request gets before any work; its mixture."""
+        Frontend.check_adapter_name(request.adapter)
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(
-                "request_id", f"{len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+                "request_id",
+                f"{len(request.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}",
             )
+        if request.adapter and request.adapters:
+            raise InvalidRequest("adapters", "give adapter or adapters (a mixture), not both")
+        return mixture_from_pb(request.adapters)
 
     def _prompt_ids_fit(self, ids, field: str) -> None:
         if len(ids) >= self.front.max_seq_len:
@@ -145,7 +181,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
 
     async def request_from_pb(self, req: pb.GenerateRequest, context) -> GenerationRequest:
         """Check the cheap things first (names, sizes), then tokenize off the event loop."""
-        self._common(req.adapter, req.request_id)
+        mixture = self._common(req)
         if req.prompt and req.prompt_token_ids:
             raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
         self._prompt_ids_fit(req.prompt_token_ids, "prompt_token_ids")
@@ -154,20 +190,27 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         else:
             ids = tuple(req.prompt_token_ids)
         return GenerationRequest(
-            ids, sampling_from_pb(req.params), req.adapter, req.request_id, self._deadline(context)
+            ids,
+            sampling_from_pb(req.params),
+            req.adapter,
+            req.request_id,
+            self._deadline(context),
+            mixture,
         )
 
     async def chat_request_from_pb(self, req: pb.ChatRequest, context) -> GenerationRequest:
-        self._common(req.adapter, req.request_id)
+        mixture = self._common(req)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         add = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
-        ids = await self.front.chat_ids(req.adapter, messages, add)
+        names = [m.name for m in mixture] or [req.adapter]
+        ids = await self.front.chat_ids(names, messages, add)
         return GenerationRequest(
             tuple(ids),
             sampling_from_pb(req.params),
             req.adapter,
             req.request_id,
             self._deadline(context),
+            mixture,
         )
 
     def logprobs_pb(self, values: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
@@ -234,7 +277,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             yield response
 
     async def Score(self, request, context):
-        self._common(request.adapter, request.request_id)
+        mixture = self._common(request)
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
         if request.continuations and request.continuation_token_ids:
@@ -265,7 +308,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         deadline = self._deadline(context)
         generations = [
             GenerationRequest(
-                tuple(prompt + c), params, request.adapter, request.request_id, deadline
+                tuple(prompt + c), params, request.adapter, request.request_id, deadline, mixture
             )
             for c in conts
         ]
@@ -274,9 +317,9 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         versions = {version for _, version in results}
         if len(versions) > 1:  # an upgrade landed between two continuations' prefills
             raise AdapterUnavailable(
-                request.adapter, "it was upgraded while the continuations were scored; retry"
+                target(request), "it was upgraded while the continuations were scored; retry"
             )
-        scores, version = [], versions.pop()
+        scores, (version, members) = [], versions.pop()
         for c, (values, _) in zip(conts, results):
             tail = values[len(prompt) - 1 :]  # values[j] is token j + 1's
             scores.append(
@@ -293,15 +336,16 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             adapter=request.adapter,
             adapter_version=version,
             request_id=request.request_id,
+            adapter_versions=versions_pb(members),
         )
 
     async def _prompt_logprobs(self, generation: GenerationRequest):
-        values, version = [], ""
+        values, version = [], ("", ())
         async for event in self.front.events(generation):
             if isinstance(event, TokenEvent):
                 values.extend(event.prompt_logprobs or ())
             else:
-                version = event.adapter_version
+                version = (event.adapter_version, event.adapter_versions)
         return values, version
 
     def _finish_fields(self, request, event: FinishEvent) -> dict:
@@ -312,6 +356,7 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             adapter=request.adapter,
             adapter_version=event.adapter_version,
             request_id=request.request_id,
+            adapter_versions=versions_pb(event.adapter_versions),
         )
 
     def for_tenants(self, message: str) -> str:
@@ -330,15 +375,14 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             "%s request_id=%r adapter=%r%s: %s in %.3fs",
             method,
             request.request_id[:MAX_REQUEST_ID_CHARS],
-            request.adapter[:128],
+            target(request)[:256],
             "" if tenant is None else f" tenant={tenant!r}",
             code.name,
             seconds,
         )
         if self.runtime is not None:
-            self.runtime.metrics.observe_request(
-                request.adapter, method, code.name, seconds, tenant
-            )
+            for name in adapter_names(request):  # a mixture counts for each member
+                self.runtime.metrics.observe_request(name, method, code.name, seconds, tenant)
 
     async def ListAdapters(self, request, context):
         tenant = self.authorize(context, None)
@@ -386,10 +430,15 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             running_requests=stats["running"],
             waiting_requests=stats["waiting"],
             server_version=SERVER_VERSION,
+            max_mixture=cfg.engine_config().max_mixture,
         )
 
 
 # ---------------------------------------------------------------------- registration
+
+
+def versions_pb(members: tuple[tuple[str, str], ...]) -> list[pb.AdapterVersion]:
+    return [pb.AdapterVersion(name=name, version=version) for name, version in members]
 
 
 class Malformed:
@@ -428,8 +477,8 @@ def _wrap(servicer: LoraInferenceServicer, name: str, streaming: bool):
         """Refuse what must not cost anything; the caller's tenant name (None: auth off)."""
         tenant = None  # the others authorize themselves (a listing is filtered, not refused)
         if generation:  # the token first: a caller without one learns nothing, parse errors too
-            adapter = None if isinstance(request, Malformed) else request.adapter
-            tenant = servicer.authorize(context, adapter)
+            names = None if isinstance(request, Malformed) else adapter_names(request)
+            tenant = servicer.authorize(context, names)
         if isinstance(request, Malformed):
             log.warning("refused a request that does not parse: %s", request.message)
             raise MalformedRequest(request)

@@ -282,6 +282,38 @@ def test_openai_api_outcomes(served):
     assert info.value.code == 401
 
 
+def test_every_member_of_a_mixture_obeys_access_control(served):
+    """A mixture is refused when any member is not the caller's (the message names it, the
+    same whether it exists or not), on gRPC and the OpenAI API alike."""
+    server, _ = served
+
+    def mixture(*names: str) -> pb.GenerateRequest:
+        request = generate("")
+        request.adapters.extend(pb.AdapterWeight(name=n, weight=0.5) for n in names)
+        return request
+
+    ok = stub_call(server, "Generate", mixture("globex-sql", "shared"), TOKENS["globex"])
+    assert [v.name for v in ok.adapter_versions] == ["globex-sql", "shared"]
+    for names in (("acme-sql", "shared"), ("acme-sql", "acme-nothing", "globex-nothing")):
+        code, details = code_of(
+            lambda n=names: stub_call(server, "Generate", mixture(*n), TOKENS["acme"])
+        )
+        # permissions come before existence: acme-nothing is acme's to ask for
+        assert code is grpc.StatusCode.PERMISSION_DENIED and names[-1] in details
+    code, _ = code_of(lambda: stub_call(server, "Generate", mixture("acme-sql", "shared"), None))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    api = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.server.http_port}/v1",
+        api_key=TOKENS["acme"],
+        max_retries=0,
+    )
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        api.completions.create(model="acme-sql:0.5+globex-sql:0.5", prompt="hi", max_tokens=2)
+    assert "globex-sql" in info.value.message
+    reply = api.completions.create(model="acme-sql:0.5", prompt="hi", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
 def metric(server, name: str, labels: dict) -> float:
     from prometheus_client import generate_latest
 

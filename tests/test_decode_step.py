@@ -18,7 +18,7 @@ from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.decode import DecodeStep, batch_buckets, rank_buckets
 from loraserve.adapters.models.packed import PackedLinear, can_pack, pack_linears
-from loraserve.server.engine import GenerationRequest
+from loraserve.server.engine import GenerationRequest, MixtureMember
 from loraserve.server.runtime import Runtime
 from loraserve.server.sampling import SamplingParams
 
@@ -50,16 +50,21 @@ def llama(tmp_path_factory):
     return model, folder
 
 
-def workload(adapters: list[str], n: int = 13) -> list[GenerationRequest]:
-    """``n`` greedy requests, lengths staggered so the batch shrinks through every bucket."""
+def workload(adapters: list, n: int = 13) -> list[GenerationRequest]:
+    """``n`` greedy requests, lengths staggered so the batch shrinks through every bucket; an
+    adapter is a name or a mixture (a tuple of ``MixtureMember``)."""
     return [
         GenerationRequest(
             tuple((7 * i + 3 * j + 5) % 60 + 3 for j in range(2 + i % 5)),
             SamplingParams(max_new_tokens=2 + (5 * i) % 14),
-            adapter=adapters[i % len(adapters)],
+            **_target(adapters[i % len(adapters)]),
         )
         for i in range(n)
     ]
+
+
+def _target(adapter) -> dict:
+    return {"adapter": adapter} if isinstance(adapter, str) else {"mixture": adapter}
 
 
 def serve(config, requests) -> tuple[list[list[int]], set[int]]:
@@ -100,6 +105,23 @@ def test_static_step_equals_eager_for_every_bucket(llama, mode):
     assert static == eager
     buckets = {next(b for b in batch_buckets(8) if b >= n) for n in sizes}
     assert buckets == set(batch_buckets(8))  # every bucket ran
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_static_step_with_mixtures_equals_eager(llama, mode):
+    """Mixtures (two and three members, a negative weight) batched with plain and base rows:
+    the static step at its mixture width computes what the eager step does, compiled at
+    warm-up (no recompilation once serving)."""
+    model, folder = llama
+    two = (MixtureMember("a1", 0.6), MixtureMember("a2", 0.4))
+    three = (MixtureMember("a0", 1.0), MixtureMember("a3", -0.5), MixtureMember("a1", 0.5))
+    requests = workload(["a0", two, "", three, "a2"])
+    config = serving_config(model, folder, max_batch_size=8, max_active_adapters=4)
+    eager, _ = serve(replace(config, compile="off"), requests)
+    static, _ = serve(replace(config, compile=mode), requests)
+    assert static == eager
+    plain, _ = serve(replace(config, compile="off"), workload(["a0", "a1", "", "a2", "a2"]))
+    assert eager != plain  # the mixtures changed their rows
 
 
 @pytest.mark.parametrize("mode", MODES)

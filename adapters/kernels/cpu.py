@@ -12,6 +12,12 @@ Semantics (those of ``BatchedLoRALinear`` for rows on one slot each)::
     lora_rows(x [n, in], y [n, out], A [S, R, in], B [S, R, out], slots [n], r)
         -> y + (x[b] @ A[slots[b], :r].T) @ B[slots[b], :r]  for every row b (slot 0: y[b])
 
+    lora_rows(x, y, A, B, slots [n, K], r, weights [n, K])   rows that mix adapters
+        -> y + sum_k weights[b, k] * (x[b] @ A[slots[b, k], :r].T) @ B[slots[b, k], :r]
+
+A mixture member on slot 0 is padding and costs nothing, so a step may route every row through
+``K`` columns (one compiled graph) whether it mixes adapters or not.
+
 The op is compiled from source the first time a server asks for it (about 20 s with g++; the
 same compiler inductor needs) into a per-user cache keyed by the source, torch's version, the
 compiler and this CPU's flags, then loaded with ``torch.ops.load_library``. It is registered
@@ -162,7 +168,9 @@ def _build_and_register() -> None:
     torch.library.register_fake("loraserve_cpu::lora_rows")(_fake)
 
 
-def _fake(x: Tensor, y: Tensor, A: Tensor, B: Tensor, slots: Tensor, r) -> Tensor:
+def _fake(
+    x: Tensor, y: Tensor, A: Tensor, B: Tensor, slots: Tensor, r, weights: Tensor | None = None
+) -> Tensor:
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
@@ -176,7 +184,16 @@ def available() -> bool:
     return True
 
 
-def lora_rows(x: Tensor, y: Tensor, A: Tensor, B: Tensor, slots: Tensor, rank) -> Tensor:
+def lora_rows(
+    x: Tensor,
+    y: Tensor,
+    A: Tensor,
+    B: Tensor,
+    slots: Tensor,
+    rank,
+    weights: Tensor | None = None,
+) -> Tensor:
     """``y + (x[b] @ A[slots[b], :rank].T) @ B[slots[b], :rank]`` for each row ``b`` of
-    ``x [n, in]`` / ``y [n, out]`` (float32, CPU); ``load()`` must have succeeded."""
-    return torch.ops.loraserve_cpu.lora_rows(x, y, A, B, slots, rank)
+    ``x [n, in]`` / ``y [n, out]`` (float32, CPU); with ``slots [n, K]`` and ``weights [n, K]``
+    the weighted sum over each row's ``K`` slots. ``load()`` must have succeeded."""
+    return torch.ops.loraserve_cpu.lora_rows(x, y, A, B, slots, rank, weights)

@@ -15,6 +15,12 @@ fixed shapes, so a compiled or captured step serves every step of its bucket:
 - the LoRA layers get the static routing (``LoRAContext.set_static``): the per-row slots in a
   device buffer and the rank bucket as a host int (0 when no row uses an adapter: the LoRA path
   is skipped). Only the ``gather`` and ``triton`` backends run this way.
+- rows that mix adapters (up to ``max_mixture`` weighted slots each) take a *width*: a step
+  with a mixture routes every row through ``[bucket, max_mixture]`` slot and weight buffers (a
+  plain row is its slot at weight 1, then padding on slot 0). With the native CPU op a padding
+  member costs nothing, so on CPU every step runs at that width (one compiled graph); the
+  gather path reads every member's blocks, so there a step without mixtures keeps width 1 and
+  the width is one more bucket dimension.
 - nothing in the forward reads a device value back (the routing and the KV read window are
   built here, on the host).
 
@@ -44,6 +50,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..lora import plain_route
 from .attention import KVCache
 
 MODES = ("static", "inductor", "cuda-graphs")
@@ -88,6 +95,7 @@ class DecodeStep:
         max_rank: int = 0,
         mode: str = "static",
         device: torch.device | str = "cpu",
+        max_mixture: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown decode mode {mode!r}; choose from {MODES}")
@@ -115,9 +123,26 @@ class DecodeStep:
         self._host = {b: torch.zeros(4, b, dtype=torch.long, pin_memory=pin) for b in self.buckets}
         # CUDA: when each bucket's last host -> device copy was done (its host buffer is free)
         self._copied: dict[int, torch.cuda.Event] = {}
+        # rows that mix adapters: per bucket, [b, K] slots and weights (and their host twins)
+        self.max_mixture = max(1, max_mixture) if has_slots else 1
+        k = self.max_mixture
+        self._mix = {
+            b: (
+                torch.zeros(b, k, dtype=torch.long, device=self.device),
+                torch.zeros(b, k, dtype=torch.float32, device=self.device),
+            )
+            for b in (self.buckets if k > 1 else ())
+        }
+        self._mix_host = {
+            b: (
+                torch.zeros(b, k, dtype=torch.long, pin_memory=pin),
+                torch.zeros(b, k, dtype=torch.float32, pin_memory=pin),
+            )
+            for b in self._mix
+        }
         # the rank bucket as a tensor's size (``LoRAContext.set_static``)
         self._rank_probes = {r: torch.zeros(r, device=self.device) for r in self.ranks}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self._blocks = compile_blocks(model) if mode == "inductor" else None
 
@@ -126,24 +151,37 @@ class DecodeStep:
     def bucket(self, n: int) -> int:
         return _bucket(self.buckets, n)
 
-    def rank_bucket(self, slots: Sequence[int]) -> int:
+    def rank_bucket(self, routes: Sequence) -> int:
         """The smallest rank bucket that holds every adapter the rows use (0: none)."""
         if self.lora is None:
             return 0
         ranks = self.lora.context.slot_rank
-        used = [ranks.get(s, self.ranks[-1]) for s in slots if s]
+        used = [ranks.get(s, self.ranks[-1]) for route in routes for s, _ in _pairs(route) if s]
         return _bucket(self.ranks, max(used)) if used else 0
 
+    @property
+    def widths(self) -> list[int]:
+        """The routing widths steps run at: 1 (one slot per row) and ``max_mixture``; only
+        the latter when the native CPU op computes the LoRA rows (padding is free there)."""
+        k = self.max_mixture
+        if k == 1:
+            return [1]
+        return [k] if self.lora.context.row_op is not None else [1, k]
+
+    def width(self, routes: Sequence) -> int:
+        plain = all(isinstance(route, int) for route in routes)
+        return self.widths[0] if plain else self.max_mixture
+
     @torch.inference_mode()  # what warm_up compiled under: another grad mode would recompile
-    def __call__(
-        self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]
-    ) -> Tensor:
-        """Row ``i`` (KV row ``i``) feeds ``tokens[i]`` at ``positions[i]`` on adapter slot
-        ``slots[i]``; returns the next-token logits ``[n, V]`` (float32)."""
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int], routes: Sequence) -> Tensor:
+        """Row ``i`` (KV row ``i``) feeds ``tokens[i]`` at ``positions[i]`` on adapter route
+        ``routes[i]`` (a slot, or a mixture's ``(slot, weight)`` pairs); returns the next-token
+        logits ``[n, V]`` (float32)."""
         n = len(tokens)
-        if not 0 < n == len(positions) == len(slots):
-            raise ValueError("tokens, positions and slots must be equally long and non-empty")
-        b, r = self.bucket(n), self.rank_bucket(slots)
+        if not 0 < n == len(positions) == len(routes):
+            raise ValueError("tokens, positions and routes must be equally long and non-empty")
+        routes = [plain_route(route) for route in routes]
+        b, r, w = self.bucket(n), self.rank_bucket(routes), self.width(routes)
         pad = b - n
         host = self._host[b]
         if b in self._copied:  # never overwrite a pinned buffer a queued copy still reads
@@ -154,50 +192,65 @@ class DecodeStep:
                     [*tokens, *[0] * pad],
                     [*positions, *[0] * pad],
                     [*positions, *[self.kv_cache.scratch] * pad],
-                    [*slots, *[0] * pad],
+                    [*(route if w == 1 else 0 for route in routes), *[0] * pad],
                 ],
                 dtype=torch.long,
             )
         )
-        graph = self._graph(b, r) if self.mode == "cuda-graphs" else None
+        if w > 1:
+            padding = [(0, 0.0)] * w
+            pairs = [(*_pairs(route), *padding)[:w] for route in routes] + [padding] * pad
+            slots, weights = self._mix_host[b]
+            slots.copy_(torch.tensor([[s for s, _ in row] for row in pairs], dtype=torch.long))
+            weights.copy_(torch.tensor([[x for _, x in row] for row in pairs]))
+        graph = self._graph(b, r, w) if self.mode == "cuda-graphs" else None
         self._inputs[b].copy_(host, non_blocking=True)
+        if w > 1:
+            for device_buffer, host_buffer in zip(self._mix[b], self._mix_host[b]):
+                device_buffer.copy_(host_buffer, non_blocking=True)
         if self.device.type == "cuda":
             self._copied.setdefault(b, torch.cuda.Event()).record()
         if graph is not None:
             graph[0].replay()
             return graph[1][:n]
-        return self._forward(b, r, max(positions) + 1)[:n]
+        return self._forward(b, r, max(positions) + 1, w)[:n]
 
-    def _forward(self, b: int, r: int, kv_len: int) -> Tensor:
-        """The model on bucket ``b``'s buffers, LoRA at rank ``r``: logits ``[b, V]``."""
+    def _forward(self, b: int, r: int, kv_len: int, w: int = 1) -> Tensor:
+        """The model on bucket ``b``'s buffers, LoRA at rank ``r`` and width ``w``: logits
+        ``[b, V]``."""
         tokens, positions, write_at, slots = self._inputs[b]
         if self.lora is not None:
-            self.lora.context.set_static(slots, r, self._rank_probes[r])
+            if w == 1:
+                self.lora.context.set_static(slots, r, self._rank_probes[r])
+            else:
+                mixed_slots, weights = self._mix[b]
+                self.lora.context.set_static(mixed_slots, r, self._rank_probes[r], weights)
         step = self.kv_cache.step(positions[:, None], None, kv_len, write_at[:, None])
         return self.model.run(tokens[:, None], positions[:, None], step, blocks=self._blocks)[:, 0]
 
     # ------------------------------------------------------------------ warm-up and capture
 
-    def _graph(self, b: int, r: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        if (b, r) not in self._graphs:
-            self._graphs[(b, r)] = self._capture(b, r)
-        return self._graphs[(b, r)]
+    def _graph(self, b: int, r: int, w: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        if (b, r, w) not in self._graphs:
+            self._graphs[(b, r, w)] = self._capture(b, r, w)
+        return self._graphs[(b, r, w)]
 
-    def _capture(self, b: int, r: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        """Capture bucket ``b`` at rank ``r`` with the KV window at ``max_seq``. The inputs hold
-        padding while it runs (scratch writes only), whatever the last real step left."""
+    def _capture(self, b: int, r: int, w: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Capture bucket ``b`` at rank ``r`` and width ``w`` with the KV window at
+        ``max_seq``. The inputs hold padding while it runs (scratch writes only), whatever the
+        last real step left."""
         self._fill_padding(b, r)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # allocator, cuBLAS workspaces, Triton autotuning
             for _ in range(2):
-                self._forward(b, r, self.kv_cache.max_seq)
+                self._forward(b, r, self.kv_cache.max_seq, w)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(b, r, self.kv_cache.max_seq)
+            logits = self._forward(b, r, self.kv_cache.max_seq, w)
         return graph, logits
 
     def _fill_padding(self, b: int, r: int) -> None:
@@ -208,21 +261,34 @@ class DecodeStep:
         inputs[2].fill_(self.kv_cache.scratch)
         if r:
             inputs[3].fill_(1)
+        if b in self._mix:
+            slots, weights = self._mix[b]
+            slots.zero_()
+            weights.zero_()
+            if r:
+                slots[:, 0].fill_(1)
+                weights[:, 0].fill_(1.0)
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Run (compile, capture) every (batch bucket, rank bucket) once; returns seconds."""
+        """Run (compile, capture) every (batch bucket, rank bucket, width) once; returns
+        seconds."""
         start = time.perf_counter()
-        for r in self.ranks:
-            for b in self.buckets:
-                if self.mode == "cuda-graphs":
-                    self._graph(b, r)
-                else:
-                    self._fill_padding(b, r)
-                    self._forward(b, r, self.kv_cache.max_seq)
+        for w in self.widths:
+            for r in self.ranks:
+                for b in self.buckets:
+                    if self.mode == "cuda-graphs":
+                        self._graph(b, r, w)
+                    else:
+                        self._fill_padding(b, r)
+                        self._forward(b, r, self.kv_cache.max_seq, w)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def _pairs(route) -> tuple[tuple[int, float], ...]:
+    return ((route, 1.0),) if isinstance(route, int) else tuple(route)
 
 
 def compile_blocks(model: nn.Module) -> list[Callable]:

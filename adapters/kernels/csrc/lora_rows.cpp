@@ -2,8 +2,14 @@
 //
 //   out[b] = y[b] + (x[b] @ A[s_b, :r]^T) @ B[s_b, :r]     with s_b = slots[b]; slot 0: y[b]
 //
+// or, for rows that mix adapters (slots [n, K], weights [n, K]; a member on slot 0 is padding):
+//
+//   out[b] = y[b] + sum_k w_bk * (x[b] @ A[s_bk, :r]^T) @ B[s_bk, :r]
+//
 // x [n, in], y [n, out], A [S, R, in], B [S, R, out] (the slot tables as BatchedLoRALinear
-// stores them: A transposed, the scale folded into B), slots [n] int64, float32 throughout.
+// stores them: A transposed, the scale folded into B), slots int64, float32 throughout. The
+// weight multiplies the rank-r intermediate, so a weight of 1 gives the unweighted result bit
+// for bit.
 // Each row reads its own slot's r x in and r x out blocks straight from the tables: no gathered
 // copy is written and read again, so the step streams each adapter once (the byte floor). Rows
 // are split over torch's intra-op threads. Built and loaded by loraserve.adapters.kernels.cpu.
@@ -18,19 +24,29 @@
 namespace {
 
 at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& A,
-                     const at::Tensor& B, const at::Tensor& slots, int64_t r) {
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && A.dim() == 3 && B.dim() == 3 && slots.dim() == 1,
-              "lora_rows wants x [n, in], y [n, out], A [S, R, in], B [S, R, out], slots [n]");
+                     const at::Tensor& B, const at::Tensor& slots, int64_t r,
+                     const c10::optional<at::Tensor>& weights) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && A.dim() == 3 && B.dim() == 3 &&
+                  (slots.dim() == 1 || slots.dim() == 2),
+              "lora_rows wants x [n, in], y [n, out], A [S, R, in], B [S, R, out], "
+              "slots [n] or [n, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
                   A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat,
               "lora_rows is float32 only");
   TORCH_CHECK(slots.scalar_type() == at::kLong, "lora_rows wants int64 slots");
   TORCH_CHECK(x.device().is_cpu(), "lora_rows runs on CPU tensors");
   const int64_t n = x.size(0), in = x.size(1), o = y.size(1), S = A.size(0), R = A.size(1);
+  const int64_t K = slots.dim() == 2 ? slots.size(1) : 1;
   TORCH_CHECK(y.size(0) == n && slots.size(0) == n, "lora_rows: x, y and slots differ in rows");
   TORCH_CHECK(A.size(2) == in && B.size(0) == S && B.size(1) == R && B.size(2) == o,
               "lora_rows: the tables do not fit x and y");
   TORCH_CHECK(0 <= r && r <= R, "lora_rows: rank outside the tables' max rank");
+  at::Tensor wc;
+  if (weights.has_value()) {
+    wc = weights->contiguous();
+    TORCH_CHECK(wc.scalar_type() == at::kFloat && wc.numel() == n * K,
+                "lora_rows: weights must be float32, one per slot");
+  }
 
   const at::Tensor xc = x.contiguous(), yc = y.contiguous(), Ac = A.contiguous();
   const at::Tensor Bc = B.contiguous(), sc = slots.contiguous();
@@ -40,41 +56,37 @@ at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   const float* Ap = Ac.data_ptr<float>();
   const float* Bp = Bc.data_ptr<float>();
   const int64_t* sp = sc.data_ptr<int64_t>();
+  const float* wp = weights.has_value() ? wc.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  for (int64_t b = 0; b < n; ++b) {  // a bad slot is an error, never an out-of-bounds read
-    TORCH_CHECK(0 <= sp[b] && sp[b] < S, "lora_rows: slot ", sp[b], " outside 0..", S - 1);
+  for (int64_t i = 0; i < n * K; ++i) {  // a bad slot is an error, never an out-of-bounds read
+    TORCH_CHECK(0 <= sp[i] && sp[i] < S, "lora_rows: slot ", sp[i], " outside 0..", S - 1);
   }
 
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> h(r > 0 ? r : 1);
     for (int64_t b = lo; b < hi; ++b) {
-      const int64_t s = sp[b];
-      const float* yb = yp + b * o;
-      float* ob = op + b * o;
-      if (s == 0 || r == 0) {  // slot 0 is all zeros: the base model
-        std::copy(yb, yb + o, ob);
-        continue;
-      }
       const float* xb = xp + b * in;
-      const float* As = Ap + s * R * in;
-      for (int64_t k = 0; k < r; ++k) {  // shrink: r dot products of length in
-        const float* a = As + k * in;
-        float acc = 0.f;
+      float* ob = op + b * o;
+      std::copy(yp + b * o, yp + (b + 1) * o, ob);
+      for (int64_t m = 0; m < K; ++m) {
+        const int64_t s = sp[b * K + m];
+        if (s == 0 || r == 0) continue;  // slot 0 is all zeros: the base model (or padding)
+        const float w = wp ? wp[b * K + m] : 1.f;
+        const float* As = Ap + s * R * in;
+        for (int64_t k = 0; k < r; ++k) {  // shrink: r dot products of length in
+          const float* a = As + k * in;
+          float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < in; ++i) acc += xb[i] * a[i];
-        h[k] = acc;
-      }
-      const float* Bs = Bp + s * R * o;
-      {  // expand: out[b] = y[b] + sum_k h[k] * B[s, k], B's rows streamed once
-        const float h0 = h[0];
+          for (int64_t i = 0; i < in; ++i) acc += xb[i] * a[i];
+          h[k] = wp ? acc * w : acc;
+        }
+        const float* Bs = Bp + s * R * o;
+        for (int64_t k = 0; k < r; ++k) {  // expand: out[b] += sum_k h[k] * B[s, k], streamed once
+          const float hk = h[k];
+          const float* bk = Bs + k * o;
 #pragma omp simd
-        for (int64_t j = 0; j < o; ++j) ob[j] = yb[j] + h0 * Bs[j];
-      }
-      for (int64_t k = 1; k < r; ++k) {
-        const float hk = h[k];
-        const float* bk = Bs + k * o;
-#pragma omp simd
-        for (int64_t j = 0; j < o; ++j) ob[j] += hk * bk[j];
+          for (int64_t j = 0; j < o; ++j) ob[j] += hk * bk[j];
+        }
       }
     }
   });
@@ -84,7 +96,9 @@ at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY(loraserve_cpu, m) {
-  m.def("lora_rows(Tensor x, Tensor y, Tensor A, Tensor B, Tensor slots, SymInt r) -> Tensor");
+  m.def(
+      "lora_rows(Tensor x, Tensor y, Tensor A, Tensor B, Tensor slots, SymInt r, "
+      "Tensor? weights=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraserve_cpu, CPU, m) { m.impl("lora_rows", &lora_rows); }
