@@ -5,6 +5,8 @@
 
     loraserve generate ADAPTER PROMPT [--max-new-tokens N] [--temperature T] [--top-p P]
                                       [--top-k K] [--seed S] [--stop STR ...] [--request-id ID]
+                                      [--json-schema SCHEMA|@FILE | --json-object | --regex RE
+                                       | --choice STR ...]
     loraserve stream   ADAPTER PROMPT [same options]     print text as it arrives
     loraserve adapters                                    table of deployed adapters
     loraserve chat     ADAPTER TEXT [--system TEXT] [--stream] [same options]
@@ -35,7 +37,7 @@ from collections.abc import Sequence
 from loraserve.client.auth import hash_token_from_stdin
 from loraserve.client.client import LoraClient
 from loraserve.client.errors import LoraServeError
-from loraserve.client.types import AdapterInfo
+from loraserve.client.types import AdapterInfo, Constraint
 
 DEFAULT_TARGET = "localhost:50051"
 TOKEN_ENV = "LORASERVE_TOKEN"
@@ -120,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)"
     )
     sampling.add_argument("--request-id", default="", metavar="ID")
+    formats = sampling.add_mutually_exclusive_group()  # structured output: one constraint
+    formats.add_argument(
+        "--json-schema",
+        metavar="SCHEMA",
+        help="the output is JSON valid under SCHEMA (JSON text, or @FILE)",
+    )
+    formats.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    formats.add_argument("--regex", metavar="RE", help="the whole output matches RE")
+    formats.add_argument(
+        "--choice", action="append", metavar="STR", help="the output is one of these (repeatable)"
+    )
 
     generate = commands.add_parser("generate", parents=[sampling], help="print a completion")
     generate.set_defaults(run=run_generate)
@@ -210,7 +223,25 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "stop": tuple(args.stop),
         "request_id": args.request_id,
+        "constraint": constraint(args),
     }
+
+
+def constraint(args: argparse.Namespace) -> Constraint | None:
+    """The structured-output flag given, if any."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        return Constraint(json_schema=text)
+    if args.json_object:
+        return Constraint(json_object=True)
+    if args.regex is not None:
+        return Constraint(regex=args.regex)
+    if args.choice:
+        return Constraint(choices=tuple(args.choice))
+    return None
 
 
 def run_generate(client: LoraClient, args: argparse.Namespace) -> None:

@@ -51,6 +51,7 @@ from loraserve.client.errors import UnavailableError, error_from_rpc, status_cod
 from loraserve.client.types import (
     AdapterInfo,
     Completion,
+    Constraint,
     SamplingParams,
     Score,
     ServerInfo,
@@ -200,13 +201,22 @@ class Calls:
         stop: str | Sequence[str] = (),
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Completion:
         """Generate a whole completion with ``adapter`` ("" = the base model; a mapping of
         names to weights = a mixture)."""
         params = SamplingParams(
-            max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            logprobs,
+            prompt_logprobs,
+            constraint,
         )
         request = generate_request(prompt, adapter, params, request_id)
         return Call("Generate", request, adapter_metadata(adapter), Completion.from_pb, timeout)
@@ -224,6 +234,7 @@ class Calls:
         stop: str | Sequence[str] = (),
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Generator[StreamChunk, None, None] | AsyncGenerator[StreamChunk, None]:
@@ -231,7 +242,15 @@ class Calls:
         the RPC starts with the first chunk asked for. Leaving the loop early, ``close()`` or
         ``aclose()`` cancels the RPC."""
         params = SamplingParams(
-            max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            logprobs,
+            prompt_logprobs,
+            constraint,
         )
         request = generate_request(prompt, adapter, params, request_id)
         metadata = adapter_metadata(adapter)
@@ -251,6 +270,7 @@ class Calls:
         stop: str | Sequence[str] = (),
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Completion:
@@ -260,7 +280,15 @@ class Calls:
             messages,
             adapter,
             SamplingParams(
-                max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+                logprobs,
+                prompt_logprobs,
+                constraint,
             ),
             request_id,
             add_generation_prompt,
@@ -281,6 +309,7 @@ class Calls:
         stop: str | Sequence[str] = (),
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> Generator[StreamChunk, None, None] | AsyncGenerator[StreamChunk, None]:
@@ -289,7 +318,15 @@ class Calls:
             messages,
             adapter,
             SamplingParams(
-                max_new_tokens, temperature, top_p, top_k, seed, stop, logprobs, prompt_logprobs
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+                logprobs,
+                prompt_logprobs,
+                constraint,
             ),
             request_id,
             add_generation_prompt,

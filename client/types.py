@@ -8,6 +8,7 @@ plain strings.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field, fields
 
 from loraserve.v1 import inference_pb2 as pb
@@ -50,6 +51,37 @@ def _finish_reason(value: int) -> FinishReason | None:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A format the output must follow (structured output): give exactly one of a JSON schema
+    (a dict, or its JSON text), ``json_object=True`` (any JSON object), a regular expression the
+    whole output matches, or the strings the output may be."""
+
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "choices", tuple(self.choices))
+        given = [self.json_schema is not None, self.json_object, self.regex is not None]
+        if sum(given) + bool(self.choices) != 1:
+            raise ValueError(
+                "a Constraint takes exactly one of json_schema, json_object, regex, choices"
+            )
+
+    def to_pb(self) -> pb.Constraint:
+        if self.json_schema is not None:
+            schema = self.json_schema
+            text = schema if isinstance(schema, str) else json.dumps(schema)
+            return pb.Constraint(json_schema=text)
+        if self.json_object:
+            return pb.Constraint(json_object=True)
+        if self.regex is not None:
+            return pb.Constraint(regex=self.regex)
+        return pb.Constraint(choices=pb.Choices(choices=list(self.choices)))
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``None`` leaves a field unset so the server applies its default
     (64 new tokens, greedy, top_p 1, top_k off, unseeded)."""
@@ -62,6 +94,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # set: each generated token's log-probability + k likeliest
     prompt_logprobs: int | None = None  # set: the same for the prompt's tokens
+    constraint: Constraint | None = None  # set: structured output
 
     def __post_init__(self):
         # A lone string is one stop string, not a sequence of one-character ones.
@@ -80,6 +113,8 @@ class SamplingParams:
             "prompt_logprobs": self.prompt_logprobs,
         }
         given = {name: value for name, value in fields.items() if value is not None}
+        if self.constraint is not None:
+            given["constraint"] = self.constraint.to_pb()
         return pb.SamplingParams(stop=list(self.stop), **given)
 
 

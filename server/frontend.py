@@ -29,6 +29,7 @@ from loraserve.server.engine import (
 )
 from loraserve.server.errors import InvalidRequest, NoChatTemplate, ShuttingDown
 from loraserve.server.runtime import Runtime
+from loraserve.server.sampling import SamplingParams
 
 MAX_MESSAGES = 1024
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -139,6 +140,14 @@ class Frontend:
         except ChatTemplateError as err:
             raise InvalidRequest(field, f"the chat template refused them: {err}") from None
         return await self.tokenize(text, field, special=False)
+
+    async def sampling(self, params: SamplingParams) -> SamplingParams:
+        """``params``, its constraint (if any) compiled off the event loop first: the engine's
+        submit then finds it in the cache, so no compile runs on the loop or the engine."""
+        if params.constraint is not None:
+            grammars = self.runtime.grammars
+            await asyncio.to_thread(grammars.compile, params.constraint)
+        return params
 
     # ---------------------------------------------------------------- the engine
 

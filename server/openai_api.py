@@ -54,6 +54,7 @@ from loraserve.server.errors import (
     Unauthenticated,
 )
 from loraserve.server.frontend import Frontend
+from loraserve.server.grammar import Constraint
 from loraserve.server.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from loraserve.server.servicer import UNAUTHENTICATED_TENANT, status_for
 from starlette.applications import Starlette
@@ -466,7 +467,7 @@ class OpenAIApp:
         if max_tokens == 0 and not (echo and logprobs is not None):
             raise InvalidRequest("max_tokens", "0 only with echo and logprobs (scoring a prompt)")
         prompts = await self._prompts(front, f.body.get("prompt"))
-        params = self._sampling(f, max_tokens, logprobs)
+        params = await self._compiled(front, f, self._sampling(f, max_tokens, logprobs))
         streaming = f.get("stream", (bool,), False)
         choices = []
         for p, ids in enumerate(prompts):
@@ -578,7 +579,6 @@ class OpenAIApp:
         _refuse_unsupported(f)
         f.unsupported("tools", lambda v: v == [])
         f.unsupported("tool_choice", lambda v: v == "none")
-        f.unsupported("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
         n = f.integer("n", 1, 1, MAX_N)
         want = f.get("logprobs", (bool,), False)
         top = f.integer("top_logprobs", None, 0, MAX_LOGPROBS)
@@ -593,6 +593,7 @@ class OpenAIApp:
             limit = f.integer("max_tokens", None, 1, front.max_seq_len)
         max_tokens = limit if limit is not None else max(1, room)  # default: the rest of the row
         params = self._sampling(f, max_tokens, (top or 0) if want else None)
+        params = await self._compiled(front, f, params)
         choices = [
             Choice(
                 j,
@@ -682,7 +683,20 @@ class OpenAIApp:
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            constraint=_constraint(f),
         )
+
+    @staticmethod
+    async def _compiled(front: Frontend, f: Fields, params: SamplingParams) -> SamplingParams:
+        """``params`` with its constraint compiled (off the event loop); a constraint the
+        engine refuses is reported under the field the caller used."""
+        try:
+            return await front.sampling(params)
+        except InvalidRequest as err:
+            if not err.field.startswith("params.constraint"):
+                raise
+            message = str(err).split(": ", 1)[-1]
+            raise InvalidRequest(_constraint_field(f), message) from None
 
     async def _run(self, front: Frontend, c: Choice, adapter: Target):
         """One choice to the end: (text, token ids, logprobs, prompt logprobs, finish event)."""
@@ -762,6 +776,52 @@ _FIELD_NAMES = {
     "params.logprobs": "logprobs",
     "params.prompt_logprobs": "logprobs",
 }
+
+
+GUIDED = ("guided_json", "guided_regex", "guided_choice")  # vLLM's extension fields
+
+
+def _constraint_field(f: Fields) -> str:
+    """The field that carries the request's constraint."""
+    return next((name for name in GUIDED if f.body.get(name) is not None), "response_format")
+
+
+def _constraint(f: Fields) -> Constraint | None:
+    """OpenAI's ``response_format`` (``json_schema``, ``json_object``; ``text`` = none), or one
+    of vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice``: at most one of them."""
+    given = [name for name in GUIDED if f.body.get(name) is not None]
+    fmt = f.get("response_format", (dict,), None)
+    if fmt is not None and fmt.get("type", "text") != "text":
+        given.append("response_format")
+    if len(given) > 1:
+        raise InvalidRequest(given[1], f"give one of {given}, not several")
+    if not given:
+        return None
+    name = given[0]
+    if name == "guided_json":
+        schema = f.get(name, (dict, str))
+        return Constraint("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+    if name == "guided_regex":
+        return Constraint("regex", f.get(name, (str,)))
+    if name == "guided_choice":
+        choices = f.get(name, (list,))
+        if not all(isinstance(c, str) for c in choices):
+            raise InvalidRequest(name, "must be an array of strings")
+        return Constraint("choice", tuple(choices))
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind != "json_schema":
+        raise InvalidRequest(
+            "response_format", f"type must be text, json_object or json_schema, got {kind!r}"
+        )
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "response_format", "type json_schema needs json_schema.schema, a JSON object"
+        )
+    return Constraint("json_schema", json.dumps(schema))
 
 
 def _top_p(f: Fields) -> float:

@@ -41,6 +41,7 @@ from loraserve.adapters.models.packed import can_pack, pack_linears
 from loraserve.server.adapter_cache import AdapterCache, HostCache
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine import Engine
+from loraserve.server.grammar import Grammars
 from loraserve.server.metrics import Metrics, RouterState
 from loraserve.server.registry import AdapterRegistry
 from loraserve.server.resources import (
@@ -211,6 +212,13 @@ class Runtime:
             prefetch=max(1, min(config.max_active_adapters, config.max_cached_adapters // 2)),
         )
         self.decoder = self._decoder(model, config)
+        # structured output over the model's whole logits width (its tokenizer built on first
+        # use); eos: the tokens that end a completed format
+        self.grammars = Grammars(
+            self.loaded.path / "tokenizer.json",
+            self.loaded.config.vocab_size,
+            self.tokenizer.eos_token_ids,
+        )
         self.engine = Engine(
             model,
             self.kv_cache,
@@ -220,6 +228,7 @@ class Runtime:
             self.metrics,
             self.device,
             self.decoder,
+            self.grammars,
         )
         self.cache.wake = self.engine.wake
         self.metrics.bind_state(

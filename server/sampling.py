@@ -11,8 +11,9 @@ after temperature, top-k and top-p (tokens they removed are left out of the alte
 a greedy row the model's own ``log_softmax(logits)``. Computed in float32 from the same tensor
 the draw uses.
 
-Isolation: a row fails alone. A row whose logits are not all finite (a broken adapter) or whose
-draw fails gets a ``ServingError`` in place of its token; every other row is sampled as usual.
+Isolation: a row fails alone. A row whose logits hold a NaN or +inf, or nothing finite (a
+broken adapter), or whose draw fails, gets a ``ServingError`` in place of its token; every other
+row is sampled as usual. (-inf is what a structured-output mask writes over disallowed tokens.)
 Temperatures in (0, ``MIN_TEMPERATURE``) or infinite are refused when the request is validated:
 ``logits / 1e-45`` is infinite and cannot be sampled from.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from loraserve.server.errors import NonFiniteLogits, ServingError
+from loraserve.server.grammar import Constraint
 from torch import Tensor
 
 MAX_STOP_STRINGS = 16
@@ -43,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None  # None: off; k: the chosen token's and the k likeliest
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    constraint: Constraint | None = None  # structured output (``loraserve.server.grammar``)
 
     @property
     def greedy(self) -> bool:
@@ -76,10 +79,10 @@ def sample(
     """``logits: [B, V]`` -> one token id per row, or the error that fails that row alone; and
     per row its ``TokenLogprob`` when ``params.logprobs`` asks for one (None otherwise)."""
     logits = logits.float()
-    # one read-back for the argmax and the finiteness of every row
-    greedy, finite = torch.stack(
-        [logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()]
-    ).tolist()
+    # one read-back for the argmax and the health of every row: its largest logit is finite
+    # (torch.max propagates NaN; -inf elsewhere is a structured-output mask, not a fault)
+    largest, greedy = logits.max(dim=-1)
+    greedy, finite = torch.stack([greedy, torch.isfinite(largest).long()]).tolist()
     if not all(p.greedy and p.logprobs is None for p in params):
         logits = logits.cpu()
     out: list[int | ServingError] = []

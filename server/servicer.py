@@ -47,6 +47,7 @@ from loraserve.server.errors import (
     Unauthenticated,
 )
 from loraserve.server.frontend import MAX_CONTINUATIONS, Frontend
+from loraserve.server.grammar import Constraint
 from loraserve.server.runtime import SERVER_VERSION, Runtime
 from loraserve.server.sampling import SamplingParams, TokenLogprob
 from loraserve.v1 import inference_pb2 as pb
@@ -118,7 +119,21 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         stop=tuple(p.stop),
         logprobs=p.logprobs if p.HasField("logprobs") else None,
         prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        constraint=constraint_from_pb(p.constraint) if p.HasField("constraint") else None,
     )
+
+
+def constraint_from_pb(c: pb.Constraint) -> Constraint:
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("params.constraint", "is set but empty: give one of its fields")
+    if kind == "json_object":
+        if not c.json_object:
+            raise InvalidRequest("params.constraint.json_object", "must be true when set")
+        return Constraint("json_object")
+    if kind == "choices":
+        return Constraint("choice", tuple(c.choices.choices))
+    return Constraint(kind, getattr(c, kind))
 
 
 class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
@@ -185,13 +200,14 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         if req.prompt and req.prompt_token_ids:
             raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
         self._prompt_ids_fit(req.prompt_token_ids, "prompt_token_ids")
+        params = await self.front.sampling(sampling_from_pb(req.params))
         if req.prompt:
             ids = tuple(await self.front.tokenize(req.prompt))
         else:
             ids = tuple(req.prompt_token_ids)
         return GenerationRequest(
             ids,
-            sampling_from_pb(req.params),
+            params,
             req.adapter,
             req.request_id,
             self._deadline(context),
@@ -203,10 +219,11 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         add = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
         names = [m.name for m in mixture] or [req.adapter]
+        params = await self.front.sampling(sampling_from_pb(req.params))
         ids = await self.front.chat_ids(names, messages, add)
         return GenerationRequest(
             tuple(ids),
-            sampling_from_pb(req.params),
+            params,
             req.adapter,
             req.request_id,
             self._deadline(context),

@@ -125,3 +125,108 @@ def test_the_readme_curl_lines_work(server):
             assert out.endswith("data: [DONE]"), out
         else:
             assert "error" not in json.loads(out), out
+
+
+STRUCTURED = [
+    (
+        "Who discovered penicillin, and in which year? Answer in JSON.",
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 40},
+                "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+            },
+            "required": ["name", "year"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "Is this review positive or negative? 'The soup was cold and the waiter rude.'",
+        {
+            "type": "object",
+            "properties": {
+                "sentiment": {"enum": ["positive", "negative", "neutral"]},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+            "required": ["sentiment", "confidence"],
+        },
+    ),
+    (
+        "List three fruits as JSON.",
+        {
+            "type": "object",
+            "properties": {
+                "fruits": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 20},
+                    "minItems": 3,
+                    "maxItems": 3,
+                }
+            },
+            "required": ["fruits"],
+        },
+    ),
+]
+
+
+def test_structured_output_on_the_real_model(server):
+    """SmolLM2's byte-level BPE vocabulary through llguidance: sampled completions (temperature
+    0.8) of several schemas, a date pattern and a choice, on the base, an adapter and a mixture:
+    every finished one validates."""
+    import re
+
+    import jsonschema
+    from loraserve.client import Constraint
+    from loraserve.v1 import inference_pb2 as pb
+
+    cases = [
+        (q, Constraint(json_schema=s), lambda t, s=s: jsonschema.validate(json.loads(t), s))
+        for q, s in STRUCTURED
+    ]
+    date = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    cases.append(
+        (
+            "When did Apollo 11 land on the moon? Give the date.",
+            Constraint(regex=date),
+            lambda t: re.fullmatch(date, t) or pytest.fail(t),
+        )
+    )
+    cases.append(
+        (
+            "Is the sun a star?",
+            Constraint(choices=("yes", "no")),
+            lambda t: t in ("yes", "no") or pytest.fail(t),
+        )
+    )
+    targets = [{"adapter": ""}, {"adapter": "json"}, {"adapter": "short"}]
+    targets.append(
+        {
+            "adapters": [
+                pb.AdapterWeight(name="short", weight=0.5),
+                pb.AdapterWeight(name="json", weight=0.5),
+            ]
+        }
+    )
+    stub = server.stub()
+    jobs = []
+    for k, (question, constraint, validate) in enumerate(cases):
+        for j in range(8):
+            request = pb.ChatRequest(
+                messages=[pb.ChatMessage(role="user", content=question)],
+                params=pb.SamplingParams(
+                    max_new_tokens=64,
+                    temperature=0.8,
+                    seed=100 * k + j,
+                    constraint=constraint.to_pb(),
+                ),
+                **targets[j % len(targets)],
+            )
+            jobs.append((validate, stub.Chat.future(request, timeout=600)))
+    finished = 0
+    for validate, future in jobs:
+        reply = future.result()
+        if reply.finish_reason == pb.STOP:
+            validate(reply.text)
+            finished += 1
+    print(f"\n{finished} of {len(jobs)} finished, all valid")
+    assert finished >= 0.8 * len(jobs)
