@@ -80,6 +80,7 @@ def server():
         max_lora_rank=16,
         max_seq_len=160,
         max_batch_size=32,
+        max_queue=512,  # the sampling test queues 260 requests at once
         compile=serving_compile(),
     )
     torch.set_num_threads(1)
@@ -345,14 +346,6 @@ def test_the_cli_takes_a_constraint_and_a_mixture(server, tmp_path):
     assert cli("generate", "base", "x", "--choice", "up", "--choice", "down") in ("up", "down")
     assert re.fullmatch(r"[0-9]{3}", cli("generate", "upper", "x", "--regex", "[0-9]{3}"))
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps(SCHEMAS["answer"]))
-    text = cli(
-        "generate",
-        "upper:0.5+reverse:0.5",
-        "x",
-        "--json-schema",
-        f"@{schema}",
-        "--max-new-tokens",
-        "40",
-    )
-    jsonschema.validate(json.loads(text), SCHEMAS["answer"])
+    schema.write_text(json.dumps({"enum": ["left", "right", 7]}))
+    text = cli("generate", "upper:0.5+reverse:0.5", "x", "--json-schema", f"@{schema}")
+    assert json.loads(text) in ("left", "right", 7)
