@@ -527,7 +527,7 @@ class LoRAContext:
                 (
                     slot,
                     tensor(idx, torch.long),
-                    tensor(weights, torch.float32) if self.width > 1 else None,
+                    tensor(weights, torch.float32) if self.weights is not None else None,
                 )
                 for slot, (idx, weights) in sorted(by_slot.items())
             ]

@@ -665,7 +665,9 @@ class Engine:
         except Exception as err:  # one bad batch fails its requests, never the engine
             log.exception("forward failed for %d sequence(s)", len(seqs))
             for seq in seqs:
-                self._finish(seq, FinishReason.ERROR, error=ServingError(f"internal error: {err}"))
+                if seq in self._running:  # a row whose constraint failed has finished already
+                    error = ServingError(f"internal error: {err}")
+                    self._finish(seq, FinishReason.ERROR, error=error)
             return
         if hidden is not None:
             self._score_prompts(seqs, hidden)

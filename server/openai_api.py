@@ -56,7 +56,7 @@ from loraserve.server.errors import (
 from loraserve.server.frontend import Frontend
 from loraserve.server.grammar import Constraint
 from loraserve.server.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
-from loraserve.server.servicer import UNAUTHENTICATED_TENANT, status_for
+from loraserve.server.servicer import MAX_LISTED, UNAUTHENTICATED_TENANT, status_for
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -256,8 +256,11 @@ class OpenAIApp:
             return Target()
         if ":" not in model and "+" not in model:
             return Target(adapter=model)
+        parts = model.split("+", MAX_LISTED)
+        if len(parts) > MAX_LISTED:
+            raise InvalidRequest("model", f"a mixture of more than {MAX_LISTED} adapters")
         members = []
-        for i, part in enumerate(model.split("+")):
+        for i, part in enumerate(parts):
             name, colon, weight = part.partition(":")
             if not colon:
                 weight = "1"
@@ -892,7 +895,7 @@ class Target:
     @property
     def names(self) -> list[str]:
         """The adapters it uses ("" = the base model), each checked against permissions."""
-        return [m.name for m in self.mixture] or [self.adapter]
+        return list(dict.fromkeys(m.name for m in self.mixture)) or [self.adapter]
 
     def __str__(self) -> str:
         return mixture_name(self.mixture) if self.mixture else self.adapter

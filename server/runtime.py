@@ -265,11 +265,11 @@ class Runtime:
         )
         self._use_row_op(config)
         log.info(
-            "decode step %s: warming up batch buckets %s x rank buckets %s x widths %s",
+            "decode step %s: warming up batch buckets %s x rank buckets %s x mixed routing %s",
             self.decode_mode,
             decoder.buckets,
             decoder.ranks,
-            decoder.widths,
+            decoder.modes,
         )
         try:
             seconds = decoder.warm_up()

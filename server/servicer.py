@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_REQUEST_ID_CHARS = 256
 UNAUTHENTICATED_TENANT = "-"  # the tenant label of a request no token vouched for
+MAX_LISTED = 16  # mixture members a request is checked, logged and counted for
 
 _STATUS = [
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
@@ -93,19 +94,27 @@ def mixture_from_pb(members) -> tuple[MixtureMember, ...]:
     """A request's ``adapters`` field; member names are checked like ``adapter``."""
     for i, m in enumerate(members):
         Frontend.check_adapter_name(m.name, f"adapters[{i}].name")
-    return tuple(MixtureMember(m.name, m.weight) for m in members)
+    return tuple(MixtureMember(m.name, _weight(m)) for m in members)
+
+
+def _weight(member: pb.AdapterWeight) -> float:
+    return member.weight if member.HasField("weight") else 1.0
 
 
 def adapter_names(request) -> list[str]:
     """The adapters a request names: its mixture's members, else its adapter ("" = the base
-    model), each checked against the caller's permissions."""
-    return [m.name for m in request.adapters] or [request.adapter]
+    model), each checked against the caller's permissions (and counted in metrics) once: at
+    most ``MAX_LISTED`` distinct names, whatever the message holds (the engine refuses a
+    mixture over ``--max-mixture`` or with a name twice)."""
+    names = dict.fromkeys(m.name for m in request.adapters[: 2 * MAX_LISTED])
+    return list(names)[:MAX_LISTED] or [request.adapter]
 
 
 def target(request) -> str:
     """What a request runs on, for logs: the adapter, or the spelled mixture."""
     if request.adapters:
-        return mixture_name(tuple(MixtureMember(m.name, m.weight) for m in request.adapters))
+        members = request.adapters[:MAX_LISTED]
+        return mixture_name(tuple(MixtureMember(m.name, _weight(m)) for m in members))
     return request.adapter
 
 
@@ -181,6 +190,10 @@ class LoraInferenceServicer(inference_pb2_grpc.LoraInferenceServicer):
             )
         if request.adapter and request.adapters:
             raise InvalidRequest("adapters", "give adapter or adapters (a mixture), not both")
+        if len(request.adapters) > MAX_LISTED:
+            raise InvalidRequest(
+                "adapters", f"{len(request.adapters)} adapters; at most {MAX_LISTED} are read"
+            )
         return mixture_from_pb(request.adapters)
 
     def _prompt_ids_fit(self, ids, field: str) -> None:

@@ -188,9 +188,10 @@ class _Cache:
 
 
 @pytest.mark.parametrize("op", [False, True], ids=["gather", "native-op"])
-def test_decode_step_widths(op):
-    """Without the native op a step without mixtures stays at width 1 and a step with one runs
-    at ``max_mixture``; with it every step runs at ``max_mixture`` (one graph)."""
+def test_decode_step_routings(op):
+    """Without the native op a step without mixtures runs plain and a step with one runs mixed
+    (``[b, max_mixture]``); with it every step runs mixed (one graph). A weighted one-member
+    route runs mixed even when the server mixes at most one adapter."""
     context = LoRAContext()
     context.slot_rank.update({s: RANK for s in range(1, SLOTS + 1)})
     if op:
@@ -198,7 +199,7 @@ def test_decode_step_widths(op):
     table = _Table(context)
     model = _Recorder(context)
     step = DecodeStep(model, _Cache(), table, max_batch=4, max_rank=8, max_mixture=3)
-    assert step.widths == ([3] if op else [1, 3])
+    assert step.modes == ([True] if op else [False, True])
     step([1, 2, 3], [4, 4, 4], [2, 0, 5])
     step([1, 2, 3], [4, 4, 4], [((1, 0.5), (2, 0.5)), 0, ((3, 1.0),)])
     (plain, plain_w), (mixed, mixed_w) = model.seen
@@ -209,3 +210,8 @@ def test_decode_step_widths(op):
         assert plain.tolist() == [2, 0, 5, 0] and plain_w is None
     assert mixed.tolist() == [[1, 2, 0], [0, 0, 0], [3, 0, 0], [0, 0, 0]]
     assert mixed_w.tolist()[0] == [0.5, 0.5, 0.0]
+
+    single = DecodeStep(_Recorder(context), _Cache(), table, max_batch=2, max_rank=8)
+    single([1, 2], [4, 4], [((2, 0.5),), 3])
+    slots, weights = single.model.seen[-1]
+    assert slots.tolist() == [[2], [3]] and weights.tolist() == [[0.5], [1.0]]

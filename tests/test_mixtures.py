@@ -357,3 +357,20 @@ def test_member_upgraded_or_deleted_mid_request(tmp_path):
         assert after.adapter_version == changed[0]
     finally:
         runtime.stop()
+
+
+def test_a_weighted_single_adapter_and_the_default_weight(served):
+    """A one-member mixture of weight 0.5 is not the plain adapter; a member sent without a
+    weight weighs 1 (so it is the plain adapter); over 16 members are refused unread."""
+    server, _, _ = served
+    half = grpc_generate(server, PROMPTS[1], mixture=(("a", 0.5),)).token_ids
+    plain = grpc_generate(server, PROMPTS[1], adapter="a").token_ids
+    request = pb.GenerateRequest(
+        prompt_token_ids=PROMPTS[1],
+        params=pb.SamplingParams(max_new_tokens=NEW),
+        adapters=[pb.AdapterWeight(name="a")],
+    )
+    assert server.stub().Generate(request, timeout=60).token_ids == plain != half
+    request.adapters.extend(pb.AdapterWeight(name="b") for _ in range(20))
+    code, details = rpc_error(lambda: server.stub().Generate(request, timeout=60))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "at most 16" in details

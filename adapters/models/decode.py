@@ -18,9 +18,9 @@ fixed shapes, so a compiled or captured step serves every step of its bucket:
 - rows that mix adapters (up to ``max_mixture`` weighted slots each) take a *width*: a step
   with a mixture routes every row through ``[bucket, max_mixture]`` slot and weight buffers (a
   plain row is its slot at weight 1, then padding on slot 0). With the native CPU op a padding
-  member costs nothing, so on CPU every step runs at that width (one compiled graph); the
-  gather path reads every member's blocks, so there a step without mixtures keeps width 1 and
-  the width is one more bucket dimension.
+  member costs nothing, so on CPU every step runs mixed (one compiled graph); the gather path
+  reads every member's blocks, so there a step without mixtures keeps the plain routing and
+  the routing is one more bucket dimension.
 - nothing in the forward reads a device value back (the routing and the KV read window are
   built here, on the host).
 
@@ -131,7 +131,7 @@ class DecodeStep:
                 torch.zeros(b, k, dtype=torch.long, device=self.device),
                 torch.zeros(b, k, dtype=torch.float32, device=self.device),
             )
-            for b in (self.buckets if k > 1 else ())
+            for b in (self.buckets if has_slots else ())
         }
         self._mix_host = {
             b: (
@@ -160,17 +160,18 @@ class DecodeStep:
         return _bucket(self.ranks, max(used)) if used else 0
 
     @property
-    def widths(self) -> list[int]:
-        """The routing widths steps run at: 1 (one slot per row) and ``max_mixture``; only
-        the latter when the native CPU op computes the LoRA rows (padding is free there)."""
-        k = self.max_mixture
-        if k == 1:
-            return [1]
-        return [k] if self.lora.context.row_op is not None else [1, k]
+    def modes(self) -> list[bool]:
+        """The routings steps run with: plain (one slot per row, False) and mixed (``[b,
+        max_mixture]`` slots and weights, True); only mixed when the native CPU op computes
+        the LoRA rows (padding is free there), only plain without slots."""
+        if not self._mix:
+            return [False]
+        return [True] if self.lora.context.row_op is not None else [False, True]
 
-    def width(self, routes: Sequence) -> int:
+    def mixed(self, routes: Sequence) -> bool:
+        """Does a step over ``routes`` run mixed? (Always, for a weighted route.)"""
         plain = all(isinstance(route, int) for route in routes)
-        return self.widths[0] if plain else self.max_mixture
+        return self.modes[0] if plain else True
 
     @torch.inference_mode()  # what warm_up compiled under: another grad mode would recompile
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], routes: Sequence) -> Tensor:
@@ -181,7 +182,7 @@ class DecodeStep:
         if not 0 < n == len(positions) == len(routes):
             raise ValueError("tokens, positions and routes must be equally long and non-empty")
         routes = [plain_route(route) for route in routes]
-        b, r, w = self.bucket(n), self.rank_bucket(routes), self.width(routes)
+        b, r, mixed = self.bucket(n), self.rank_bucket(routes), self.mixed(routes)
         pad = b - n
         host = self._host[b]
         if b in self._copied:  # never overwrite a pinned buffer a queued copy still reads
@@ -192,20 +193,21 @@ class DecodeStep:
                     [*tokens, *[0] * pad],
                     [*positions, *[0] * pad],
                     [*positions, *[self.kv_cache.scratch] * pad],
-                    [*(route if w == 1 else 0 for route in routes), *[0] * pad],
+                    [*(0 if mixed else route for route in routes), *[0] * pad],
                 ],
                 dtype=torch.long,
             )
         )
-        if w > 1:
+        if mixed:
+            w = self.max_mixture
             padding = [(0, 0.0)] * w
             pairs = [(*_pairs(route), *padding)[:w] for route in routes] + [padding] * pad
             slots, weights = self._mix_host[b]
             slots.copy_(torch.tensor([[s for s, _ in row] for row in pairs], dtype=torch.long))
             weights.copy_(torch.tensor([[x for _, x in row] for row in pairs]))
-        graph = self._graph(b, r, w) if self.mode == "cuda-graphs" else None
+        graph = self._graph(b, r, mixed) if self.mode == "cuda-graphs" else None
         self._inputs[b].copy_(host, non_blocking=True)
-        if w > 1:
+        if mixed:
             for device_buffer, host_buffer in zip(self._mix[b], self._mix_host[b]):
                 device_buffer.copy_(host_buffer, non_blocking=True)
         if self.device.type == "cuda":
@@ -213,14 +215,14 @@ class DecodeStep:
         if graph is not None:
             graph[0].replay()
             return graph[1][:n]
-        return self._forward(b, r, max(positions) + 1, w)[:n]
+        return self._forward(b, r, max(positions) + 1, mixed)[:n]
 
-    def _forward(self, b: int, r: int, kv_len: int, w: int = 1) -> Tensor:
-        """The model on bucket ``b``'s buffers, LoRA at rank ``r`` and width ``w``: logits
-        ``[b, V]``."""
+    def _forward(self, b: int, r: int, kv_len: int, mixed: bool = False) -> Tensor:
+        """The model on bucket ``b``'s buffers, LoRA at rank ``r``, plain or mixed routing:
+        logits ``[b, V]``."""
         tokens, positions, write_at, slots = self._inputs[b]
         if self.lora is not None:
-            if w == 1:
+            if not mixed:
                 self.lora.context.set_static(slots, r, self._rank_probes[r])
             else:
                 mixed_slots, weights = self._mix[b]
@@ -230,13 +232,13 @@ class DecodeStep:
 
     # ------------------------------------------------------------------ warm-up and capture
 
-    def _graph(self, b: int, r: int, w: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        if (b, r, w) not in self._graphs:
-            self._graphs[(b, r, w)] = self._capture(b, r, w)
-        return self._graphs[(b, r, w)]
+    def _graph(self, b: int, r: int, mixed: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        if (b, r, mixed) not in self._graphs:
+            self._graphs[(b, r, mixed)] = self._capture(b, r, mixed)
+        return self._graphs[(b, r, mixed)]
 
-    def _capture(self, b: int, r: int, w: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        """Capture bucket ``b`` at rank ``r`` and width ``w`` with the KV window at
+    def _capture(self, b: int, r: int, mixed: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Capture bucket ``b`` at rank ``r``, plain or mixed, with the KV window at
         ``max_seq``. The inputs hold padding while it runs (scratch writes only), whatever the
         last real step left."""
         self._fill_padding(b, r)
@@ -244,13 +246,13 @@ class DecodeStep:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # allocator, cuBLAS workspaces, Triton autotuning
             for _ in range(2):
-                self._forward(b, r, self.kv_cache.max_seq, w)
+                self._forward(b, r, self.kv_cache.max_seq, mixed)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(b, r, self.kv_cache.max_seq, w)
+            logits = self._forward(b, r, self.kv_cache.max_seq, mixed)
         return graph, logits
 
     def _fill_padding(self, b: int, r: int) -> None:
@@ -271,17 +273,17 @@ class DecodeStep:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Run (compile, capture) every (batch bucket, rank bucket, width) once; returns
+        """Run (compile, capture) every (batch bucket, rank bucket, routing) once; returns
         seconds."""
         start = time.perf_counter()
-        for w in self.widths:
+        for mixed in self.modes:
             for r in self.ranks:
                 for b in self.buckets:
                     if self.mode == "cuda-graphs":
-                        self._graph(b, r, w)
+                        self._graph(b, r, mixed)
                     else:
                         self._fill_padding(b, r)
-                        self._forward(b, r, self.kv_cache.max_seq, w)
+                        self._forward(b, r, self.kv_cache.max_seq, mixed)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
