@@ -415,7 +415,7 @@ class LoRAContext:
             if seq_len > 1 and self.active:  # prefill rows: SGMV segments, built if asked
                 self._prefill_rows = (rows, seq_len, device)
             return
-        mixed = [((r, 1.0),) if isinstance(r, int) else r for r in rows]
+        mixed = [route_pairs(r) for r in rows]
         width = max(len(m) for m in mixed)
         padded = [(*m, *[(0, 0.0)] * (width - len(m))) for m in mixed]
         self._reset()
@@ -513,8 +513,7 @@ class LoRAContext:
             device = self.slots.device
             by_slot: dict[int, tuple[list[int], list[float]]] = {}
             for t, route in enumerate(self._token_slots):
-                pairs = ((route, 1.0),) if isinstance(route, int) else route
-                for slot, weight in pairs:
+                for slot, weight in route_pairs(route):
                     if slot:
                         idx, weights = by_slot.setdefault(slot, ([], []))
                         idx.append(t)
@@ -535,6 +534,11 @@ class LoRAContext:
 
     def clear(self) -> None:
         self.set_rows([], 0)
+
+
+def route_pairs(route: Route) -> tuple[tuple[int, float], ...]:
+    """``route`` as ``(slot, weight)`` pairs: a plain slot is itself at weight 1."""
+    return ((route, 1.0),) if isinstance(route, int) else tuple(route)
 
 
 def plain_route(route: Route) -> Route:

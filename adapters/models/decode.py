@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..lora import plain_route
+from ..lora import plain_route, route_pairs
 from .attention import KVCache
 
 MODES = ("static", "inductor", "cuda-graphs")
@@ -156,7 +156,9 @@ class DecodeStep:
         if self.lora is None:
             return 0
         ranks = self.lora.context.slot_rank
-        used = [ranks.get(s, self.ranks[-1]) for route in routes for s, _ in _pairs(route) if s]
+        used = [
+            ranks.get(s, self.ranks[-1]) for route in routes for s, _ in route_pairs(route) if s
+        ]
         return _bucket(self.ranks, max(used)) if used else 0
 
     @property
@@ -201,7 +203,7 @@ class DecodeStep:
         if mixed:
             w = self.max_mixture
             padding = [(0, 0.0)] * w
-            pairs = [(*_pairs(route), *padding)[:w] for route in routes] + [padding] * pad
+            pairs = [(*route_pairs(route), *padding)[:w] for route in routes] + [padding] * pad
             slots, weights = self._mix_host[b]
             slots.copy_(torch.tensor([[s for s, _ in row] for row in pairs], dtype=torch.long))
             weights.copy_(torch.tensor([[x for _, x in row] for row in pairs]))
@@ -287,10 +289,6 @@ class DecodeStep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
-
-
-def _pairs(route) -> tuple[tuple[int, float], ...]:
-    return ((route, 1.0),) if isinstance(route, int) else tuple(route)
 
 
 def compile_blocks(model: nn.Module) -> list[Callable]:
