@@ -184,8 +184,14 @@ class Runtime:
             backend=config.lora_backend,
         )
         self.lora_shapes = {n: self.base_shapes[n] for n in self.table.layers}
-        if packed:
-            log.info("oneDNN-packed %d linear layers for the CPU GEMM", pack_linears(model))
+        if packed:  # through the native op when the CPU library builds here
+            native = cpu_kernels.available()
+            n = pack_linears(model, native)
+            log.info(
+                "oneDNN-packed %d linear layers for the CPU GEMM (%s op)",
+                n,
+                "native" if native else "Python",
+            )
         self.kv_cache = KVCache(
             self.loaded.config, config.max_batch_size, config.max_seq_len, self.device, self.dtype
         )

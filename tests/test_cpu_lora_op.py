@@ -10,6 +10,7 @@ import torch
 from loraserve.adapters.kernels import KernelUnavailable
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import BatchedLoRALinear, LoRAContext
+from loraserve.adapters.models.packed import can_pack, forget_packed
 
 # `make test` runs on a machine with g++ (inductor needs it too): under CI a missing op fails.
 if not cpu_kernels.available():
@@ -89,6 +90,49 @@ def test_the_gather_layer_takes_the_op_for_one_token_rows():
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_computes_the_linear(bias):
+    """The native twin of ``loraserve::packed_linear``: ``F.linear`` for 2-D and 3-D inputs."""
+    if not can_pack("cpu", torch.float32):
+        pytest.fail("this torch build has no oneDNN: the CPU library's GEMM cannot pack")
+    linear = torch.nn.Linear(IN, OUT, bias=bias)
+    with torch.inference_mode():
+        for x in (torch.randn(7, IN), torch.randn(3, 5, IN), torch.randn(1, IN)):
+            got = cpu_kernels.packed_linear(x, linear.weight, linear.bias)
+            torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="does not fit the weight"):
+        cpu_kernels.packed_linear(torch.randn(2, IN + 1), linear.weight)
+
+
+def test_packed_twins_follow_their_weights():
+    """A weight written in place is packed again; a freed weight's twin is dropped when the
+    next one is packed, and a new weight at the same address never gets a stale twin."""
+    forget_packed()
+    count = torch.ops.loraserve_cpu.packed_count
+    x = torch.randn(4, IN)
+    w = torch.randn(OUT, IN)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.packed_linear(x, w), x @ w.T)
+        assert count() == 1
+        cpu_kernels.packed_linear(x, w)
+        assert count() == 1  # found, not packed again
+    w.mul_(-2)  # an in-place write bumps the version
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.packed_linear(x, w), x @ w.T)
+    for _ in range(3):  # freed weights; the allocator may hand the same memory out again
+        del w
+        w = torch.randn(OUT, IN)
+        with torch.inference_mode():
+            torch.testing.assert_close(cpu_kernels.packed_linear(x, w), x @ w.T)
+        assert count() == 1
+    compiled = torch.compile(lambda x, w: cpu_kernels.packed_linear(x, w).relu(), dynamic=True)
+    with torch.inference_mode():  # an opaque kernel inside a compiled graph
+        x6 = torch.randn(6, IN)
+        torch.testing.assert_close(compiled(x6, w), (x6 @ w.T).relu())
+    forget_packed()
+    assert count() == 0
+
+
 def test_a_machine_that_cannot_build_it_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
@@ -109,6 +153,6 @@ def test_a_machine_that_cannot_build_it_says_why(monkeypatch, tmp_path):
 def test_the_library_is_cached_by_source_torch_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path))
     path = cpu_kernels.library_path(cpu_kernels.cxx_compiler())
-    assert path.parent == tmp_path and path.name.startswith("lora_rows-")
+    assert path.parent == tmp_path and path.name.startswith("loraserve_cpu-")
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : another cpu")
     assert cpu_kernels.library_path(cpu_kernels.cxx_compiler()) != path

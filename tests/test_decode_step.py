@@ -80,6 +80,10 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
         if decoder is not None and decoder.device.type == "cpu" and runtime.table.num_slots:
             # the static step on CPU computes its LoRA rows with the native op (where it builds)
             assert (runtime.table.context.row_op is not None) == cpu_kernels.available()
+        if decoder is not None and decoder.mode == "inductor" and can_pack("cpu", torch.float32):
+            # its Linears are oneDNN-packed, through the native op where the library builds
+            packed = [m for m in runtime.loaded.model.modules() if isinstance(m, PackedLinear)]
+            assert packed and all(m.native == cpu_kernels.available() for m in packed)
         if decoder is not None:
             inner = decoder.__call__
 
@@ -206,17 +210,23 @@ def test_move_row_keeps_what_was_written_and_clears_the_source(llama):
     assert all(not t[2].any() for t in (*cache.k, *cache.v))
 
 
-def test_packed_linears_compute_what_the_dense_ones_do(llama):
+@pytest.mark.parametrize("native", [False, True], ids=["python_op", "native_op"])
+def test_packed_linears_compute_what_the_dense_ones_do(llama, native):
     if not can_pack("cpu", torch.float32):  # the stock CPU wheel has oneDNN: CI must too
         if os.environ.get("CI") == "true":
             pytest.fail("this torch build has no oneDNN: the compiled CPU step cannot pack")
         pytest.skip("this torch build has no oneDNN (packed linears need it)")
+    if native and not cpu_kernels.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the CPU library could not be built (see the log)")
+        pytest.skip("no C++ compiler to build the CPU library's packed op")
     model_dir, _ = llama
     dense = load_model(model_dir).model
     packed = load_model(model_dir).model
-    assert pack_linears(packed) == sum(isinstance(m, torch.nn.Linear) for m in dense.modules())
+    n = sum(isinstance(m, torch.nn.Linear) for m in dense.modules())
+    assert pack_linears(packed, native) == n
     assert all(type(m) is not torch.nn.Linear for m in packed.modules())
-    assert isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear) and packed.lm_head.native == native
     assert packed.state_dict().keys() == dense.state_dict().keys()  # same checkpoint names
     ids = torch.randint(0, 100, (3, 7))
     with torch.inference_mode():

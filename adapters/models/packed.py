@@ -15,6 +15,10 @@ written afterwards (serving weights are frozen; ``pack_linears`` is a serving-ti
 in-place write through the tensor bumps its version and the twin is packed again; a write
 through ``.data`` is invisible to that check. Cost: the packed copies, one more copy of every
 Linear weight in host memory.
+
+Where the native CPU library is built (``loraserve.adapters.kernels.cpu``), ``pack_linears(...,
+native=True)`` computes through its C++ twin of this op, ``loraserve_cpu::packed_linear``: the
+same contract and registry semantics, without the Python op's dispatch cost on every call.
 """
 
 from __future__ import annotations
@@ -78,32 +82,44 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` computed through its packed weight (see the module docstring)."""
+    """An ``nn.Linear`` computed through its packed weight (see the module docstring); through
+    the native op when ``native`` (its twin is packed on the first call)."""
+
+    native = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+    def from_linear(cls, linear: nn.Linear, native: bool = False) -> PackedLinear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # the same Parameters, not copies
-        packed_weight(new.weight)
+        new.native = native
+        if not native:
+            packed_weight(new.weight)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native:
+            return torch.ops.loraserve_cpu.packed_linear(x, self.weight, self.bias)
         return packed_linear(x, self.weight, self.bias)
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, native: bool = False) -> int:
     """Swap every plain ``nn.Linear`` of ``model`` (LoRA wrappers' inner ones included) for a
-    ``PackedLinear`` on the same parameters; returns how many. Call only where ``can_pack``."""
+    ``PackedLinear`` on the same parameters; returns how many. Call only where ``can_pack``;
+    ``native`` only once ``loraserve.adapters.kernels.cpu.load()`` has succeeded."""
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear.from_linear(getattr(parent, child)))
+        setattr(parent, child, PackedLinear.from_linear(getattr(parent, child), native))
     return len(names)
 
 
 def forget_packed() -> None:
-    """Drop every packed twin (tests; a process serves one model for its life)."""
+    """Drop every packed twin, the native library's too (tests; a process serves one model
+    for its life)."""
+    from ..kernels import cpu
+
     _PACKED.clear()
+    cpu.forget_packed()
