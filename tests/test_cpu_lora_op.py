@@ -39,8 +39,8 @@ def table(rank: int, seed: int = 0) -> BatchedLoRALinear:
     [[0, 2, 1, 2, 0, 5, 3], [3, 3, 3, 3], [5, 4, 3, 2, 1, 0, 0], [0, 0, 0], [2]],
     ids=["mixed", "one_adapter", "distinct_padded", "all_base", "one_row"],
 )
-def test_lora_rows_matches_the_reference_loop(slots):
-    rank = 6
+@pytest.mark.parametrize("rank", [3, 6, 8])  # the op takes four ranks per pass, then the rest
+def test_lora_rows_matches_the_reference_loop(slots, rank):
     layer = table(rank)
     x = torch.randn(len(slots), IN)
     y = torch.randn(len(slots), OUT)

@@ -12,7 +12,11 @@
 // for bit.
 // Each row reads its own slot's r x in and r x out blocks straight from the tables: no gathered
 // copy is written and read again, so the step streams each adapter once (the byte floor). Rows
-// are split over torch's intra-op threads. Built and loaded by loraserve.adapters.kernels.cpu.
+// are split over torch's intra-op threads. Both products take four ranks per pass (four
+// independent sums over x; out[b] read and written once per four rows of B): at hidden 512 the
+// op streams the tables at ~17.5 GB/s, against ~14.5 one rank at a time and ~24 for a plain
+// read of one large tensor on this 2-core machine. Built and loaded by
+// loraserve.adapters.kernels.cpu.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -73,15 +77,47 @@ at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
         if (s == 0 || r == 0) continue;  // slot 0 is all zeros: the base model (or padding)
         const float w = wp ? wp[b * K + m] : 1.f;
         const float* As = Ap + s * R * in;
-        for (int64_t k = 0; k < r; ++k) {  // shrink: r dot products of length in
+        const float* Bs = Bp + s * R * o;
+        int64_t k = 0;
+        for (; k + 4 <= r; k += 4) {  // shrink, four ranks at a time: x read once for four
+          const float* a0 = As + k * in;
+          const float* a1 = a0 + in;
+          const float* a2 = a1 + in;
+          const float* a3 = a2 + in;
+          float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
+#pragma omp simd reduction(+ : c0, c1, c2, c3)
+          for (int64_t i = 0; i < in; ++i) {
+            const float xi = xb[i];
+            c0 += xi * a0[i];
+            c1 += xi * a1[i];
+            c2 += xi * a2[i];
+            c3 += xi * a3[i];
+          }
+          h[k] = c0 * w;
+          h[k + 1] = c1 * w;
+          h[k + 2] = c2 * w;
+          h[k + 3] = c3 * w;
+        }
+        for (; k < r; ++k) {
           const float* a = As + k * in;
           float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
           for (int64_t i = 0; i < in; ++i) acc += xb[i] * a[i];
-          h[k] = wp ? acc * w : acc;
+          h[k] = acc * w;
         }
-        const float* Bs = Bp + s * R * o;
-        for (int64_t k = 0; k < r; ++k) {  // expand: out[b] += sum_k h[k] * B[s, k], streamed once
+        k = 0;
+        for (; k + 4 <= r; k += 4) {  // expand, four ranks at a time: out[b] updated once per four
+          const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+          const float* b0 = Bs + k * o;
+          const float* b1 = b0 + o;
+          const float* b2 = b1 + o;
+          const float* b3 = b2 + o;
+#pragma omp simd
+          for (int64_t j = 0; j < o; ++j) {
+            ob[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j];
+          }
+        }
+        for (; k < r; ++k) {
           const float hk = h[k];
           const float* bk = Bs + k * o;
 #pragma omp simd
