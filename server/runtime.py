@@ -301,7 +301,7 @@ class Runtime:
         start = time.perf_counter()
         if cpu_kernels.available():
             self.table.context.row_op = cpu_kernels.lora_rows
-            log.info("CPU LoRA op ready in %.1f s", time.perf_counter() - start)
+            log.info("native CPU ops ready in %.1f s", time.perf_counter() - start)
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers

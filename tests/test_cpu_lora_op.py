@@ -15,8 +15,8 @@ from loraserve.adapters.models.packed import can_pack, forget_packed
 # `make test` runs on a machine with g++ (inductor needs it too): under CI a missing op fails.
 if not cpu_kernels.available():
     if os.environ.get("CI") == "true":
-        raise RuntimeError("the CPU LoRA op could not be built (see the log)")
-    pytest.skip("no C++ compiler to build the CPU LoRA op", allow_module_level=True)
+        raise RuntimeError("the native CPU ops could not be built (see the log)")
+    pytest.skip("no C++ compiler to build the native CPU ops", allow_module_level=True)
 
 IN, OUT, R_MAX, SLOTS = 72, 40, 16, 5  # not multiples of any vector width
 
@@ -136,7 +136,7 @@ def test_packed_twins_follow_their_weights():
 def test_a_machine_that_cannot_build_it_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
-    with pytest.raises(KernelUnavailable, match="needs a C\\+\\+ compiler"):
+    with pytest.raises(KernelUnavailable, match="need a C\\+\\+ compiler"):
         cpu_kernels.load()
     assert not cpu_kernels.available()  # the failure is kept: no second attempt
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
@@ -145,7 +145,7 @@ def test_a_machine_that_cannot_build_it_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "/bin/false")
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: name == "/bin/false" or None)
     monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path))
-    with pytest.raises(KernelUnavailable, match="building the CPU LoRA op failed"):
+    with pytest.raises(KernelUnavailable, match="building the native CPU ops failed"):
         cpu_kernels.load()
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 

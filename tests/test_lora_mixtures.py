@@ -58,7 +58,7 @@ def expected(lay: BatchedLoRALinear, x: torch.Tensor, routes) -> torch.Tensor:
 
 def backends():
     params = ["loop", "segment", "gather"]
-    no_op = "no C++ compiler to build the CPU LoRA op (under CI=true this fails)"
+    no_op = "no C++ compiler to build the native CPU ops (under CI=true this fails)"
     params.append(pytest.param("gather+op", marks=_skip(not HAVE_OP, no_op)))
     no_triton = "triton is not installed (pip install -e '.[test]'; under CI=true this fails)"
     params.append(pytest.param("triton", marks=_skip(not HAVE_TRITON, no_triton)))
@@ -141,7 +141,7 @@ def test_static_routing_at_a_width(op):
         torch.testing.assert_close(got[1], plain[1], atol=1e-4, rtol=1e-5)
 
 
-@_skip(not HAVE_OP, "no C++ compiler to build the CPU LoRA op (under CI=true this fails)")
+@_skip(not HAVE_OP, "no C++ compiler to build the native CPU ops (under CI=true this fails)")
 def test_native_op_mixture_rows():
     lay = layer("gather")
     g = torch.Generator().manual_seed(6)

@@ -123,12 +123,12 @@ def build(cxx: str, target: Path) -> None:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise KernelUnavailable(
-                f"building the CPU LoRA op failed ({cxx} exit {done.returncode}): "
+                f"building the native CPU ops failed ({cxx} exit {done.returncode}): "
                 f"{done.stderr.strip()[-2000:]}"
             )
         os.replace(tmp, target)
     except subprocess.TimeoutExpired as e:
-        raise KernelUnavailable(f"building the CPU LoRA op took over {BUILD_TIMEOUT_S} s") from e
+        raise KernelUnavailable(f"building the native CPU ops took over {BUILD_TIMEOUT_S} s") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -165,15 +165,15 @@ def load() -> None:
 def _build_and_register() -> None:
     cxx = cxx_compiler()
     if cxx is None:
-        raise KernelUnavailable("the CPU LoRA op needs a C++ compiler (g++, c++ or clang++)")
+        raise KernelUnavailable("the native CPU ops need a C++ compiler (g++, c++ or clang++)")
     target = library_path(cxx)
     if not target.exists():
-        log.info("building the CPU LoRA op into %s (once per machine and torch version)", target)
+        log.info("building the native CPU ops into %s (once per machine and torch version)", target)
         build(cxx, target)
     try:
         torch.ops.load_library(str(target))
     except OSError as e:
-        raise KernelUnavailable(f"loading the CPU LoRA op {target} failed: {e}") from e
+        raise KernelUnavailable(f"loading the native CPU ops {target} failed: {e}") from e
     torch.library.register_fake("loraserve_cpu::lora_rows")(_fake)
     torch.library.register_fake("loraserve_cpu::packed_linear")(_fake_linear)
 
@@ -193,7 +193,7 @@ def available() -> bool:
     try:
         load()
     except KernelUnavailable as e:
-        log.info("CPU LoRA op unavailable: %s", e)
+        log.info("native CPU ops unavailable: %s", e)
         return False
     return True
 
