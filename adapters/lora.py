@@ -582,6 +582,11 @@ class BatchedLoRALinear(nn.Module):
     The fast paths take ``x @ A[s] @ B[s]`` directly when every token uses the same slot.
 
     Slot 0 is all zeros and means "base only", so a mixed batch needs no special case.
+
+    ``dtype``: the tables' dtype, by default the Linear's. A narrower one (bfloat16 tables on a
+    float32 model, ``--lora-dtype``) halves the bytes a step with many adapters reads: adapters
+    are rounded to it when a slot is filled, and every path computes in the input's dtype (the
+    native CPU op widens each value as it streams the tables). Not with ``"triton"``.
     """
 
     BACKENDS = ("loop", "segment", "gather", "triton")
@@ -593,6 +598,7 @@ class BatchedLoRALinear(nn.Module):
         max_rank: int,
         context: LoRAContext,
         backend: str = "segment",
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if backend not in self.BACKENDS:
@@ -603,7 +609,12 @@ class BatchedLoRALinear(nn.Module):
         self.backend = backend
         self.max_rank = max_rank
         w = linear.weight
-        kw = {"device": w.device, "dtype": w.dtype}
+        if backend == "triton" and dtype not in (None, w.dtype):
+            raise ValueError(
+                f"the triton LoRA backend keeps the slot tables in the layer's dtype ({w.dtype}), "
+                f"not {dtype}"
+            )
+        kw = {"device": w.device, "dtype": dtype or w.dtype}
         # A: [slots+1, r_max, in] (stored transposed, so the first r ranks of a slot are one
         # contiguous block)   B: [slots+1, r_max, out]   slot 0 stays zero forever.
         self.register_buffer("A", torch.zeros(max_slots + 1, max_rank, linear.in_features, **kw))
@@ -654,7 +665,7 @@ class BatchedLoRALinear(nn.Module):
             return y  # every token on slot 0: the base model
         if ctx.single is not None and self.backend != "loop":
             s, r = ctx.single, ctx.rank
-            return y + (x @ self.A[s, :r].T) @ self.B[s, :r]
+            return y + (x @ self.A[s, :r].T.to(x.dtype)) @ self.B[s, :r].to(x.dtype)
         return self._forward_delta(x, y)
 
     def _flat(self, x: Tensor, y: Tensor, delta) -> Tensor:
@@ -670,10 +681,10 @@ class BatchedLoRALinear(nn.Module):
         out = y.clone()
         for t, route in enumerate(routes):
             if isinstance(route, int):
-                out[t] += (x[t] @ self.A[route].T) @ self.B[route]
+                out[t] += (x[t] @ self.A[route].T.to(x.dtype)) @ self.B[route].to(x.dtype)
                 continue
             for s, w in route:  # a mixture: each member's delta, weighted
-                out[t] += ((x[t] @ self.A[s].T) * w) @ self.B[s]
+                out[t] += ((x[t] @ self.A[s].T.to(x.dtype)) * w) @ self.B[s].to(x.dtype)
         return out
 
     def _delta_segment(self, x: Tensor, y: Tensor) -> Tensor:
@@ -682,10 +693,10 @@ class BatchedLoRALinear(nn.Module):
     def _segments(self, x: Tensor, y: Tensor) -> Tensor:
         out, r = y.clone(), self.context.rank
         for s, idx, weights in self.context.segments:
-            h = x.index_select(0, idx) @ self.A[s, :r].T
+            h = x.index_select(0, idx) @ self.A[s, :r].T.to(x.dtype)
             if weights is not None:  # mixture members: each token's own weight
                 h = h * weights.to(h.dtype)[:, None]
-            out.index_add_(0, idx, h @ self.B[s, :r])
+            out.index_add_(0, idx, h @ self.B[s, :r].to(x.dtype))
         return out
 
     def _delta_gather(self, x: Tensor, y: Tensor) -> Tensor:
@@ -700,8 +711,10 @@ class BatchedLoRALinear(nn.Module):
                 return op(x[:, 0], y[:, 0], self.A, self.B, rows, r, weights)[:, None]
             if weights is not None:  # rows mix adapters: [B, width] slots
                 return y + self._mixed(x, rows, weights, r)
-            h = torch.bmm(x, self.A[:, :r].index_select(0, rows).transpose(1, 2))  # [B, S, r]
-            return y + torch.bmm(h, self.B[:, :r].index_select(0, rows))  # [B, S, out]
+            A = self.A[:, :r].index_select(0, rows).to(x.dtype)
+            h = torch.bmm(x, A.transpose(1, 2))  # [B, S, r]
+            B = self.B[:, :r].index_select(0, rows).to(x.dtype)
+            return y + torch.bmm(h, B)  # [B, S, out]
         return self._flat(x, y, self._per_token)
 
     def _mixed(self, x: Tensor, slots: Tensor, weights: Tensor, r: int) -> Tensor:
@@ -711,10 +724,10 @@ class BatchedLoRALinear(nn.Module):
         combination, gathered per row rather than built. Padding members (slot 0) add zeros."""
         n, k = slots.shape
         flat = slots.reshape(-1)
-        A = self.A[:, :r].index_select(0, flat).reshape(n, k * r, -1)  # [N, K*r, in]
+        A = self.A[:, :r].index_select(0, flat).to(x.dtype).reshape(n, k * r, -1)  # [N, K*r, in]
         h = torch.bmm(x, A.transpose(1, 2))  # [N, S, K*r]
         h = h * weights.to(h.dtype).repeat_interleave(r, dim=1)[:, None, :]
-        B = self.B[:, :r].index_select(0, flat).reshape(n, k * r, -1)  # [N, K*r, out]
+        B = self.B[:, :r].index_select(0, flat).to(x.dtype).reshape(n, k * r, -1)  # [N, K*r, out]
         return torch.bmm(h, B)
 
     def _delta_kernels(self, x: Tensor, y: Tensor) -> Tensor:
@@ -745,9 +758,10 @@ class BatchedLoRALinear(nn.Module):
         slots, r = self.context.slots, self.context.rank
         if self.context.weights is not None:  # rows mix adapters: [T, width] slots
             return y + self._mixed(x.unsqueeze(1), slots, self.context.weights, r).squeeze(1)
-        A = self.A[:, :r].index_select(0, slots).transpose(1, 2)  # [T, in, r]
+        A = self.A[:, :r].index_select(0, slots).to(x.dtype).transpose(1, 2)  # [T, in, r]
         h = torch.bmm(x.unsqueeze(1), A)  # [T, 1, r]
-        return y + torch.bmm(h, self.B[:, :r].index_select(0, slots)).squeeze(1)  # [T, out]
+        B = self.B[:, :r].index_select(0, slots).to(x.dtype)
+        return y + torch.bmm(h, B).squeeze(1)  # [T, out]
 
 
 class LoRASlotTable:
@@ -795,12 +809,15 @@ def replace_linear_with_batched_lora(
     max_slots: int,
     max_rank: int,
     backend: str = "segment",
+    dtype: torch.dtype | None = None,
 ) -> LoRASlotTable:
-    """Swap every targeted Linear for a ``BatchedLoRALinear``; all share one new ``LoRAContext``."""
+    """Swap every targeted Linear for a ``BatchedLoRALinear``; all share one new ``LoRAContext``.
+    ``dtype``: the slot tables' (default: each Linear's own)."""
     context = LoRAContext()
     layers = {}
     for name in target_names(model, targets):
-        layer = BatchedLoRALinear(model.get_submodule(name), max_slots, max_rank, context, backend)
+        linear = model.get_submodule(name)
+        layer = BatchedLoRALinear(linear, max_slots, max_rank, context, backend, dtype)
         _swap(model, name, layer)
         layers[name] = layer
     if not layers:

@@ -84,6 +84,7 @@ def server_config(
     max_seq_len: int,
     requests: int,
     compile: str = "auto",
+    lora_dtype: str = "auto",
 ):
     """The ``ServerConfig`` every bench run uses: all adapters fit in device and host slots (the
     steady state of a warm server), no metrics endpoint, no folder polling during timing."""
@@ -107,6 +108,7 @@ def server_config(
         watch_poll_interval=3600.0,
         drain_grace=1.0,
         compile=compile,
+        lora_dtype=lora_dtype,
     )
 
 

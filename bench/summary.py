@@ -79,10 +79,11 @@ def render(results: Path = RESULTS) -> str:
         "",
         "Engine, batch 32, rank 16 on every linear layer but `lm_head`: tok/s of (b) every row on "
         "one adapter, (c) every row on its own adapter (32), (c') the same with slots padded to "
-        "rank 64, each / (a) the base model; and (c)'s decode step / its physical floor.",
+        "rank 64, (c'') the same with bfloat16 slot tables (`--lora-dtype bfloat16`), each / (a) "
+        "the base model; and (c)'s decode step / its physical floor.",
         "",
-        "| machine | hidden | (b)/(a) | (c)/(a) | (c')/(a) | (c) step / floor |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| machine | hidden | (b)/(a) | (c)/(a) | (c')/(a) | (c'')/(a) | (c) step / floor |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for report in engines:
         label, sizes = _engine_default(report)
@@ -90,7 +91,7 @@ def render(results: Path = RESULTS) -> str:
             lines.append(
                 f"| {_machine(report)} ({label}) | {size} | {_r(b['one/base'])} | "
                 f"{_r(b['distinct/base'])} | {_r(b.get('distinct-r64/base'))} | "
-                f"{_r(b['distinct step / floor step'])}x |"
+                f"{_r(b.get('distinct-bf16/base'))} | {_r(b['distinct step / floor step'])}x |"
             )
     compiled = [r for r in engines if len(r["settings"].get("variants", [])) > 1]
     if compiled:

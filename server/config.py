@@ -85,6 +85,13 @@ class ServerConfig:
         4 << 30, "host memory for cached adapters (e.g. 4GiB)", parse=parse_bytes, shown="4GiB"
     )
     max_lora_rank: int = setting(64, "largest adapter rank the slot tables hold")
+    lora_dtype: str = setting(
+        "auto",
+        "the device slot tables' dtype (auto: that of the weights). bfloat16 on a float32 CPU "
+        "server halves the bytes a step with many distinct adapters reads (adapters rounded to "
+        "bfloat16; products still accumulate in float32); not with --lora-backend triton",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
     max_mixture: int = setting(
         4,
         "most adapters one request may mix (weighted, computed at run time; each member takes "

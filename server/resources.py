@@ -159,9 +159,12 @@ def plan_memory(
     dtype: torch.dtype,
     device: torch.device,
     packed: bool = False,
+    lora_dtype: torch.dtype | None = None,
 ) -> MemoryPlan:
-    """``packed``: the Linear weights get oneDNN-packed copies (``adapters.models.packed``)."""
+    """``packed``: the Linear weights get oneDNN-packed copies (``adapters.models.packed``).
+    ``lora_dtype``: the slot tables' dtype (default ``dtype``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    table_itemsize = torch.empty((), dtype=lora_dtype or dtype).element_size()
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     kv = (
         2
@@ -172,7 +175,7 @@ def plan_memory(
         * model_config.head_dim
         * itemsize
     )
-    tables = sum((slots + 1) * max_rank * (i + o) * itemsize for i, o in lora_shapes.values())
+    tables = sum((slots + 1) * max_rank * (i + o) * table_itemsize for i, o in lora_shapes.values())
     linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
     packed_bytes = sum(w.numel() * w.element_size() for w in linears.values()) if packed else 0
     return MemoryPlan(weights, kv, tables, host_cache_bytes, device, packed_bytes)

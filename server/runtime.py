@@ -75,6 +75,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def pick_lora_dtype(name: str, dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The slot tables' dtype for ``--lora-dtype``: auto = the weights' ``dtype``."""
+    if name == "auto":
+        return dtype
+    lora_dtype = pick_dtype(name, torch.device("cpu"))
+    if backend == "triton" and lora_dtype != dtype:
+        raise ValueError(
+            f"--lora-dtype {name} needs --lora-backend gather (the triton kernels keep the slot "
+            f"tables in the weights' dtype, {str(dtype).removeprefix('torch.')})"
+        )
+    return lora_dtype
+
+
 def decode_mode(config: ServerConfig, device: torch.device) -> str | None:
     """The ``DecodeStep`` mode ``--compile`` means on ``device``; None = the eager step."""
     if config.compile == "off":
@@ -142,6 +155,7 @@ class Runtime:
 
     def _build(self, config: ServerConfig) -> None:
         self.decode_mode = decode_mode(config, self.device)  # a bad pairing fails before loading
+        self.lora_dtype = pick_lora_dtype(config.lora_dtype, self.dtype, config.lora_backend)
         self.loaded = load_model(model_folder(config.model), self.device, self.dtype)
         limit = self.loaded.config.max_position_embeddings
         if config.max_seq_len > limit:
@@ -173,6 +187,7 @@ class Runtime:
             dtype=self.dtype,
             device=self.device,
             packed=packed,
+            lora_dtype=self.lora_dtype,
         )
         log.info("%s", self.memory_plan.describe())
         self.memory_plan.check(config.max_memory, available_memory(self.device))
@@ -182,6 +197,7 @@ class Runtime:
             config.max_active_adapters,
             config.max_lora_rank,
             backend=config.lora_backend,
+            dtype=self.lora_dtype,
         )
         self.lora_shapes = {n: self.base_shapes[n] for n in self.table.layers}
         if packed:  # through the native op when the CPU library builds here
@@ -305,17 +321,18 @@ class Runtime:
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers
-        and its scale folded into B stays finite in the serving dtype."""
+        and its scale folded into B stays finite in the serving dtype and the slot tables'."""
         validate_adapter(
             adapter, self.lora_shapes, self.loaded.fingerprint, self.config.max_lora_rank
         )
-        limit = torch.finfo(self.dtype).max
+        narrowest = min((self.dtype, self.lora_dtype), key=lambda d: torch.finfo(d).max)
+        limit = torch.finfo(narrowest).max
         for module, w in adapter.modules.items():
             folded = float(w.B.abs().max()) * abs(w.scale)
             if folded > limit:
                 raise WeightsOutOfRange(
                     f"adapter {adapter.name!r}: {module}'s B times its scale {w.scale:g} reaches "
-                    f"{folded:.3g}, over {str(self.dtype).removeprefix('torch.')}'s largest value"
+                    f"{folded:.3g}, over {str(narrowest).removeprefix('torch.')}'s largest value"
                 )
 
     def resident_adapters(self) -> dict[str, str]:

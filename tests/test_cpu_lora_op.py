@@ -56,6 +56,22 @@ def test_lora_rows_matches_the_reference_loop(slots, rank):
     assert torch.equal(cpu_kernels.lora_rows(x, y, layer.A, layer.B, rows, 0), y)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_rows_reads_16_bit_tables(dtype):
+    """``--lora-dtype``: tables of 16-bit values, widened to float32 as they are read, give what
+    float32 tables holding the same values give, up to the order of the float32 sums (plain
+    rows and mixtures)."""
+    layer = table(6, seed=2)
+    A, B = layer.A.to(dtype), layer.B.to(dtype)
+    x, y = torch.randn(6, IN), torch.randn(6, OUT)
+    rows = torch.tensor([0, 2, 1, 5, 5, 3])
+    want = cpu_kernels.lora_rows(x, y, A.float(), B.float(), rows, 6)
+    torch.testing.assert_close(cpu_kernels.lora_rows(x, y, A, B, rows, 6), want)
+    mixed, weights = torch.tensor([[1, 3], [2, 0]] * 3), torch.tensor([[0.5, -1.0], [1.0, 0.0]] * 3)
+    want = cpu_kernels.lora_rows(x, y, A.float(), B.float(), mixed, 6, weights)
+    torch.testing.assert_close(cpu_kernels.lora_rows(x, y, A, B, mixed, 6, weights), want)
+
+
 def test_lora_rows_refuses_what_it_cannot_read():
     layer = table(4)
     x, y = torch.randn(2, IN), torch.randn(2, OUT)
@@ -63,8 +79,10 @@ def test_lora_rows_refuses_what_it_cannot_read():
         cpu_kernels.lora_rows(x, y, layer.A, layer.B, torch.tensor([1, 9]), 4)
     with pytest.raises(RuntimeError, match="rank outside"):
         cpu_kernels.lora_rows(x, y, layer.A, layer.B, torch.tensor([1, 2]), R_MAX + 1)
-    with pytest.raises(RuntimeError, match="float32 only"):
+    with pytest.raises(RuntimeError, match="float32 x and y"):
         cpu_kernels.lora_rows(x.half(), y.half(), layer.A, layer.B, torch.tensor([1, 2]), 4)
+    with pytest.raises(RuntimeError, match="both tables float32, bfloat16 or float16"):
+        cpu_kernels.lora_rows(x, y, layer.A.bfloat16(), layer.B, torch.tensor([1, 2]), 4)
     with pytest.raises(RuntimeError, match="do not fit"):
         cpu_kernels.lora_rows(torch.randn(2, IN + 1), y, layer.A, layer.B, torch.tensor([1, 2]), 4)
 

@@ -128,6 +128,29 @@ def test_static_step_with_mixtures_equals_eager(llama, mode):
     assert eager != plain  # the mixtures changed their rows
 
 
+def test_bfloat16_slot_tables(llama):
+    """``--lora-dtype bfloat16`` on a float32 server: the tables hold bfloat16 (half the bytes,
+    and the memory plan counts half), the compiled step equals the eager step on them, with
+    plain rows, a mixture and base rows batched together, and the adapters still change their
+    rows."""
+    model, folder = llama
+    two = (MixtureMember("a1", 0.6), MixtureMember("a2", 0.4))
+    requests = workload(["a0", two, "", "a3"], n=9)
+    config = serving_config(model, folder, max_batch_size=8, max_active_adapters=4)
+    narrow = replace(config, lora_dtype="bfloat16")
+    runtime = Runtime(replace(narrow, compile="off"))
+    layers = list(runtime.table.layers.values())
+    assert all(m.A.dtype == m.B.dtype == torch.bfloat16 for m in layers)
+    assert runtime.memory_plan.slot_tables == sum(m.A.nbytes + m.B.nbytes for m in layers)
+    eager, _ = serve(replace(narrow, compile="off"), requests)
+    static, _ = serve(replace(narrow, compile="inductor"), requests)
+    assert static == eager
+    base, _ = serve(replace(narrow, compile="off"), workload([""], n=9))
+    assert eager != base
+    with pytest.raises(ValueError, match="--lora-dtype bfloat16 needs --lora-backend gather"):
+        Runtime(replace(narrow, lora_backend="triton"))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_static_step_on_gpt2_and_the_demo(tmp_path, mode):
     """Learned positions (GPT-2: padded rows at position 0) and the demo with its adapters."""

@@ -205,6 +205,39 @@ def test_fast_paths_equal_the_reference_on_batched_rows(backend):
     assert ctx_fast.row_slots is None  # the mixed rows took the per-token path
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_16_bit_tables_compute_what_their_rounded_values_do(backend, dtype):
+    """Slot tables narrower than the layer (``--lora-dtype``): adapters are rounded to the
+    table's dtype once, when the slot is filled, and every path computes in the input's dtype,
+    so the layer equals a float32 one holding the rounded values (one-slot, per-row and
+    per-token routing, and a mixture)."""
+    torch.manual_seed(3)
+    linear = nn.Linear(24, 40)
+    ctx_ref, ctx = LoRAContext(), LoRAContext()
+    ref = BatchedLoRALinear(linear, max_slots=4, max_rank=8, context=ctx_ref, backend="loop")
+    narrow = BatchedLoRALinear(linear, 4, 8, ctx, backend=backend, dtype=dtype)
+    assert narrow.A.dtype == narrow.B.dtype == dtype and narrow.linear.weight.dtype == torch.float32
+    for slot, (A, B, s) in enumerate(make_adapters(4, 24, 40, [8, 3, 4, 8]), start=1):
+        narrow.set_slot(slot, A, B, s)
+        ref.set_slot(slot, A.to(dtype).float(), (B * s).to(dtype).float(), 1.0)
+    x = torch.randn(5, 3, 24)
+    routings = [
+        ([2, 2, 2, 2, 2], 3),  # one adapter
+        ([1, 0, 3, 4, 1], 3),  # a slot per row
+        ([1, 0, 3, 4, ((2, 0.5), (4, -1.0))], 3),  # with a mixture
+        ([4, 1, 2, 3, 0], 1),  # decode rows
+    ]
+    for rows, seq_len in routings:
+        ctx_ref.slot_rank = ctx.slot_rank = {1: 8, 2: 3, 3: 4, 4: 8}
+        ctx_ref.set_rows(rows, seq_len)
+        ctx.set_rows(rows, seq_len)
+        xs = x[:, :seq_len]
+        torch.testing.assert_close(narrow(xs), ref(xs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="triton LoRA backend keeps the slot tables"):
+        BatchedLoRALinear(linear, 4, 8, LoRAContext(), backend="triton", dtype=dtype)
+
+
 def test_slots_can_be_cleared_and_refilled_and_slot_zero_is_protected():
     linear = nn.Linear(8, 8)
     ctx = LoRAContext()

@@ -17,7 +17,9 @@ Semantics (those of ``BatchedLoRALinear`` for rows on one slot each)::
         -> y + sum_k weights[b, k] * (x[b] @ A[slots[b, k], :r].T) @ B[slots[b, k], :r]
 
 A mixture member on slot 0 is padding and costs nothing, so a step may route every row through
-``K`` columns (one compiled graph) whether it mixes adapters or not.
+``K`` columns (one compiled graph) whether it mixes adapters or not. ``x`` and ``y`` are
+float32; the tables are float32, or bfloat16 / float16 (``--lora-dtype``), widened to float32 as
+they are read, so the bytes streamed halve and the products still accumulate in float32.
 
 ``packed_linear(x, weight, bias)`` (``csrc/packed_linear.cpp``) is the Python custom op of
 ``loraserve.adapters.models.packed`` in C++: the same registry of oneDNN-packed twins, without

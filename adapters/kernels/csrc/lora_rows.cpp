@@ -7,7 +7,9 @@
 //   out[b] = y[b] + sum_k w_bk * (x[b] @ A[s_bk, :r]^T) @ B[s_bk, :r]
 //
 // x [n, in], y [n, out], A [S, R, in], B [S, R, out] (the slot tables as BatchedLoRALinear
-// stores them: A transposed, the scale folded into B), slots int64, float32 throughout. The
+// stores them: A transposed, the scale folded into B), slots int64. x, y and the result are
+// float32; the tables are float32, or bfloat16 / float16 (`--lora-dtype`: half the bytes to
+// stream), widened to float32 as they are read, so every product accumulates in float32. The
 // weight multiplies the rank-r intermediate, so a weight of 1 gives the unweighted result bit
 // for bit.
 // Each row reads its own slot's r x in and r x out blocks straight from the tables: no gathered
@@ -23,9 +25,89 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// A table value widened to float32. A bfloat16 is the top half of a float32: a shift and a bit
+// cast, which the compiler vectorises. A float16 goes through c10::Half's conversion.
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+
+// out[b] = y[b] + sum_m w_bm * (x[b] @ A[s_bm, :r]^T) @ B[s_bm, :r], rows split over threads.
+template <typename T>
+void rows(const float* xp, const float* yp, const T* Ap, const T* Bp, const int64_t* sp,
+          const float* wp, float* op, int64_t n, int64_t in, int64_t o, int64_t R, int64_t K,
+          int64_t r) {
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> h(r > 0 ? r : 1);
+    for (int64_t b = lo; b < hi; ++b) {
+      const float* xb = xp + b * in;
+      float* ob = op + b * o;
+      std::copy(yp + b * o, yp + (b + 1) * o, ob);
+      for (int64_t m = 0; m < K; ++m) {
+        const int64_t s = sp[b * K + m];
+        if (s == 0 || r == 0) continue;  // slot 0 is all zeros: the base model (or padding)
+        const float w = wp ? wp[b * K + m] : 1.f;
+        const T* As = Ap + s * R * in;
+        const T* Bs = Bp + s * R * o;
+        int64_t k = 0;
+        for (; k + 4 <= r; k += 4) {  // shrink, four ranks at a time: x read once for four
+          const T* a0 = As + k * in;
+          const T* a1 = a0 + in;
+          const T* a2 = a1 + in;
+          const T* a3 = a2 + in;
+          float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
+#pragma omp simd reduction(+ : c0, c1, c2, c3)
+          for (int64_t i = 0; i < in; ++i) {
+            const float xi = xb[i];
+            c0 += xi * widen(a0[i]);
+            c1 += xi * widen(a1[i]);
+            c2 += xi * widen(a2[i]);
+            c3 += xi * widen(a3[i]);
+          }
+          h[k] = c0 * w;
+          h[k + 1] = c1 * w;
+          h[k + 2] = c2 * w;
+          h[k + 3] = c3 * w;
+        }
+        for (; k < r; ++k) {
+          const T* a = As + k * in;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < in; ++i) acc += xb[i] * widen(a[i]);
+          h[k] = acc * w;
+        }
+        k = 0;
+        for (; k + 4 <= r; k += 4) {  // expand, four ranks at a time: out[b] updated once per four
+          const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+          const T* b0 = Bs + k * o;
+          const T* b1 = b0 + o;
+          const T* b2 = b1 + o;
+          const T* b3 = b2 + o;
+#pragma omp simd
+          for (int64_t j = 0; j < o; ++j) {
+            ob[j] += h0 * widen(b0[j]) + h1 * widen(b1[j]) + h2 * widen(b2[j]) + h3 * widen(b3[j]);
+          }
+        }
+        for (; k < r; ++k) {
+          const float hk = h[k];
+          const T* bk = Bs + k * o;
+#pragma omp simd
+          for (int64_t j = 0; j < o; ++j) ob[j] += hk * widen(bk[j]);
+        }
+      }
+    }
+  });
+}
 
 at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& A,
                      const at::Tensor& B, const at::Tensor& slots, int64_t r,
@@ -34,9 +116,12 @@ at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
                   (slots.dim() == 1 || slots.dim() == 2),
               "lora_rows wants x [n, in], y [n, out], A [S, R, in], B [S, R, out], "
               "slots [n] or [n, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
-                  A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat,
-              "lora_rows is float32 only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat,
+              "lora_rows wants float32 x and y");
+  const auto table = A.scalar_type();
+  TORCH_CHECK(table == B.scalar_type() &&
+                  (table == at::kFloat || table == at::kBFloat16 || table == at::kHalf),
+              "lora_rows wants both tables float32, bfloat16 or float16");
   TORCH_CHECK(slots.scalar_type() == at::kLong, "lora_rows wants int64 slots");
   TORCH_CHECK(x.device().is_cpu(), "lora_rows runs on CPU tensors");
   const int64_t n = x.size(0), in = x.size(1), o = y.size(1), S = A.size(0), R = A.size(1);
@@ -55,77 +140,21 @@ at::Tensor lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   const at::Tensor xc = x.contiguous(), yc = y.contiguous(), Ac = A.contiguous();
   const at::Tensor Bc = B.contiguous(), sc = slots.contiguous();
   at::Tensor out = at::empty({n, o}, y.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* yp = yc.data_ptr<float>();
-  const float* Ap = Ac.data_ptr<float>();
-  const float* Bp = Bc.data_ptr<float>();
   const int64_t* sp = sc.data_ptr<int64_t>();
-  const float* wp = weights.has_value() ? wc.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < n * K; ++i) {  // a bad slot is an error, never an out-of-bounds read
     TORCH_CHECK(0 <= sp[i] && sp[i] < S, "lora_rows: slot ", sp[i], " outside 0..", S - 1);
   }
-
-  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> h(r > 0 ? r : 1);
-    for (int64_t b = lo; b < hi; ++b) {
-      const float* xb = xp + b * in;
-      float* ob = op + b * o;
-      std::copy(yp + b * o, yp + (b + 1) * o, ob);
-      for (int64_t m = 0; m < K; ++m) {
-        const int64_t s = sp[b * K + m];
-        if (s == 0 || r == 0) continue;  // slot 0 is all zeros: the base model (or padding)
-        const float w = wp ? wp[b * K + m] : 1.f;
-        const float* As = Ap + s * R * in;
-        const float* Bs = Bp + s * R * o;
-        int64_t k = 0;
-        for (; k + 4 <= r; k += 4) {  // shrink, four ranks at a time: x read once for four
-          const float* a0 = As + k * in;
-          const float* a1 = a0 + in;
-          const float* a2 = a1 + in;
-          const float* a3 = a2 + in;
-          float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
-#pragma omp simd reduction(+ : c0, c1, c2, c3)
-          for (int64_t i = 0; i < in; ++i) {
-            const float xi = xb[i];
-            c0 += xi * a0[i];
-            c1 += xi * a1[i];
-            c2 += xi * a2[i];
-            c3 += xi * a3[i];
-          }
-          h[k] = c0 * w;
-          h[k + 1] = c1 * w;
-          h[k + 2] = c2 * w;
-          h[k + 3] = c3 * w;
-        }
-        for (; k < r; ++k) {
-          const float* a = As + k * in;
-          float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < in; ++i) acc += xb[i] * a[i];
-          h[k] = acc * w;
-        }
-        k = 0;
-        for (; k + 4 <= r; k += 4) {  // expand, four ranks at a time: out[b] updated once per four
-          const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
-          const float* b0 = Bs + k * o;
-          const float* b1 = b0 + o;
-          const float* b2 = b1 + o;
-          const float* b3 = b2 + o;
-#pragma omp simd
-          for (int64_t j = 0; j < o; ++j) {
-            ob[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j];
-          }
-        }
-        for (; k < r; ++k) {
-          const float hk = h[k];
-          const float* bk = Bs + k * o;
-#pragma omp simd
-          for (int64_t j = 0; j < o; ++j) ob[j] += hk * bk[j];
-        }
-      }
-    }
-  });
+  const float* wp = weights.has_value() ? wc.data_ptr<float>() : nullptr;
+  const float *xp = xc.data_ptr<float>(), *yp = yc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (table == at::kBFloat16) {
+    rows(xp, yp, Ac.data_ptr<c10::BFloat16>(), Bc.data_ptr<c10::BFloat16>(), sp, wp, op, n, in, o,
+         R, K, r);
+  } else if (table == at::kHalf) {
+    rows(xp, yp, Ac.data_ptr<c10::Half>(), Bc.data_ptr<c10::Half>(), sp, wp, op, n, in, o, R, K, r);
+  } else {
+    rows(xp, yp, Ac.data_ptr<float>(), Bc.data_ptr<float>(), sp, wp, op, n, in, o, R, K, r);
+  }
   return out;
 }
 
