@@ -8,7 +8,9 @@ every method), batch 32, 36-token prompts, 32 new tokens, greedy, prefill includ
 - ``peft-mixed``: PEFT's mixed-adapter batch, ``generate(..., adapter_names=[...])`` with 32
   distinct rank-16 adapters (every linear layer but lm_head);
 - ``grpc-base`` / ``grpc-distinct``: a real loraserve gRPC server on loopback (``--compile``
-  as given, default auto) with 32 client threads, the base model / the same 32 adapters.
+  as given, default auto) with 32 client threads, the base model / the same 32 adapters;
+- ``grpc-distinct-bf16``: the same with bfloat16 slot tables (``--lora-dtype bfloat16``: half
+  the adapter bytes per step; an option, not the default).
 
 Ratios (the issue's targets): grpc-distinct / grpc-base >= 0.92, grpc-distinct / peft-mixed
 >= 3.5, grpc-base / hf-base >= 1.3. One process per method.
@@ -43,9 +45,10 @@ from bench.peers import run_peft
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEC = ck.SMOLLM2_SHAPED
 BATCH, PROMPT, NEW, RANK = 32, 36, 32, 16
-METHODS = ("hf-base", "peft-mixed", "grpc-base", "grpc-distinct")
+METHODS = ("hf-base", "peft-mixed", "grpc-base", "grpc-distinct", "grpc-distinct-bf16")
 TARGETS = [
     ("grpc-distinct", "grpc-base", 0.92),
+    ("grpc-distinct-bf16", "grpc-base", 0.92),
     ("grpc-distinct", "peft-mixed", 3.5),
     ("grpc-base", "hf-base", 1.3),
 ]
@@ -57,7 +60,7 @@ def real_job(job: dict) -> dict:
 
     torch.set_num_threads(available_cpus())  # transformers and PEFT get the server's threads
     method = job["method"]
-    distinct = method in ("peft-mixed", "grpc-distinct")
+    distinct = method in ("peft-mixed", "grpc-distinct", "grpc-distinct-bf16")
     adapters = tuple(ck.adapter_name(i) for i in range(BATCH)) if distinct else ("",) * BATCH
     work = Workload(
         adapters=adapters,
@@ -84,6 +87,7 @@ def real_job(job: dict) -> dict:
         max_seq_len=PROMPT + NEW,
         requests=BATCH,
         compile=job["compile"],
+        lora_dtype="bfloat16" if method == "grpc-distinct-bf16" else "auto",
     )
     return run_grpc(config, work, SPEC.vocab, clients=BATCH)
 
