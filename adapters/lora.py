@@ -665,7 +665,11 @@ class BatchedLoRALinear(nn.Module):
             return y  # every token on slot 0: the base model
         if ctx.single is not None and self.backend != "loop":
             s, r = ctx.single, ctx.rank
-            return y + (x @ self.A[s, :r].T.to(x.dtype)) @ self.B[s, :r].to(x.dtype)
+            h = x @ self.A[s, :r].T.to(x.dtype)
+            # into y in place (y is this call's own fresh output): a prefill's y is tens of MB,
+            # and y + delta would write a new one and a delta the size of y besides
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[s, :r].to(x.dtype))
+            return y
         return self._forward_delta(x, y)
 
     def _flat(self, x: Tensor, y: Tensor, delta) -> Tensor:
@@ -714,7 +718,7 @@ class BatchedLoRALinear(nn.Module):
             A = self.A[:, :r].index_select(0, rows).to(x.dtype)
             h = torch.bmm(x, A.transpose(1, 2))  # [B, S, r]
             B = self.B[:, :r].index_select(0, rows).to(x.dtype)
-            return y + torch.bmm(h, B)  # [B, S, out]
+            return y.baddbmm_(h, B)  # [B, S, out], into y in place as above
         return self._flat(x, y, self._per_token)
 
     def _mixed(self, x: Tensor, slots: Tensor, weights: Tensor, r: int) -> Tensor:
