@@ -16,7 +16,7 @@ import torch
 from loraserve.adapters.format import write_adapter
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.models import KVCache, load_model
-from loraserve.adapters.models.decode import DecodeStep, batch_buckets, rank_buckets
+from loraserve.adapters.models.decode import DecodeStep, batch_buckets, group_size, rank_buckets
 from loraserve.adapters.models.packed import PackedLinear, can_pack, pack_linears
 from loraserve.server.engine import GenerationRequest, MixtureMember
 from loraserve.server.runtime import Runtime
@@ -37,6 +37,13 @@ def test_buckets():
     assert rank_buckets(64) == [0, 8, 16, 32, 64]
     assert rank_buckets(12) == [0, 8, 12]
     assert rank_buckets(4) == [0, 4]
+
+
+def test_block_groups():
+    """Compiled groups of blocks are all as long (one compilation serves them), as long as
+    MAX_GROUP allows."""
+    layers = (30, 6, 4, 2, 1, 7, 13, 32, 24, 22)
+    assert [group_size(n) for n in layers] == [6, 6, 4, 2, 1, 7, 1, 8, 8, 2]
 
 
 @pytest.fixture(scope="module")

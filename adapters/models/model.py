@@ -178,12 +178,14 @@ class CausalLM(nn.Module):
         positions: Tensor,
         step: CacheStep | None,
         logits_at: Tensor | None = None,
-        blocks: Sequence[Callable] | None = None,
+        blocks: Sequence[tuple[Callable, int]] | None = None,
         return_hidden: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``forward`` once the cache step is built: embeddings, blocks, final norm, head.
-        ``blocks``: callables to run instead of the blocks (compiled ones: a static decode
-        step compiles its own, leaving the modules, hence prefill, eager). ``return_hidden``:
+        ``blocks``: ``(fn, n)`` pairs to run in order instead of the blocks, each over the next
+        ``n`` layers as ``x = fn(x, rope, kvs)`` with ``kvs`` those layers' ``LayerKV``s
+        (compiled groups of blocks: a static decode step compiles its own, leaving the
+        modules, hence prefill, eager). ``return_hidden``:
         also return the final-normed hidden states of every position, ``[B, S, C]``, whose
         ``head`` gives any position's logits (prompt log-probabilities, a row at a time)."""
         B = input_ids.shape[0]
@@ -212,7 +214,7 @@ class CausalLM(nn.Module):
         input_ids: Tensor,
         positions: Tensor,
         step: CacheStep | None,
-        blocks: Sequence[Callable] | None,
+        blocks: Sequence[tuple[Callable, int]] | None,
     ) -> Tensor:
         """Embeddings and the blocks: the last block's output, ``[B, S, C]``."""
         n, body = self.spec.names, self.body
@@ -222,8 +224,15 @@ class CausalLM(nn.Module):
             x = x + body[n.pos_embed](positions)
         else:
             rope = body["rotary_emb"](positions, x.dtype)  # cos, sin: [B, S, rotary_dim]
-        for i, block in enumerate(body[n.layers] if blocks is None else blocks):
-            x = block(x, rope, step.layer(i) if step is not None else None)
+        if blocks is None:
+            for i, block in enumerate(body[n.layers]):
+                x = block(x, rope, step.layer(i) if step is not None else None)
+            return x
+        first = 0
+        for fn, count in blocks:
+            layers = range(first, first + count)
+            x = fn(x, rope, tuple(step.layer(i) if step is not None else None for i in layers))
+            first += count
         return x
 
     def head(self, hidden: Tensor) -> Tensor:
