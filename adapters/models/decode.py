@@ -146,17 +146,12 @@ class DecodeStep:
         self._rank_probes = {r: torch.zeros(r, device=self.device) for r in self.ranks}
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
+        self._blocks = None
         if mode == "inductor":
-            # The KV cache and the slot tables never change shape: static, they are fixed-shape
-            # inputs of the graph, where dynamic they gave every layer's k, v, A and B symbols
-            # of their own, whose guards sympy simplified for most of the compile (a group of
-            # six SmolLM2 blocks: 43 s with inductor's cache warm, 10.5 s static).
             tables = (
                 [t for layer in lora.layers.values() for t in (layer.A, layer.B)] if lora else []
             )
-            for t in (*kv_cache.k, *kv_cache.v, *tables):
-                torch._dynamo.mark_static(t)
-        self._blocks = compile_blocks(model) if mode == "inductor" else None
+            self._blocks = compile_blocks(model, fixed=(*kv_cache.k, *kv_cache.v, *tables))
 
     # ------------------------------------------------------------------ the step
 
@@ -318,7 +313,7 @@ def _run_group(blocks: tuple[nn.Module, ...], x: Tensor, rope, kvs: tuple) -> Te
     return x
 
 
-def compile_blocks(model: nn.Module) -> list[tuple[Callable, int]]:
+def compile_blocks(model: nn.Module, fixed: Sequence[Tensor] = ()) -> list[tuple[Callable, int]]:
     """The transformer blocks of ``model`` in groups of ``group_size`` consecutive blocks, each
     group one call of a function compiled by inductor with dynamic shapes (``CausalLM.run``'s
     ``blocks``); the modules themselves stay as they are (prefill runs them eagerly).
@@ -332,6 +327,11 @@ def compile_blocks(model: nn.Module) -> list[tuple[Callable, int]]:
     13.7-14.2 ms (alternating runs). It compiles again for the batch of one
     (size 1 specialises) and for a step without adapters; the recompile limit is raised to
     hold them.
+
+    ``fixed``: inputs whose shapes never change (the KV cache, the slot tables), marked static:
+    fixed-shape inputs of the graph. Dynamic, they gave every layer's k, v, A and B symbols of
+    their own, whose guards sympy simplified for most of the compile (a group of six SmolLM2
+    blocks: 43 s with inductor's cache warm, 10.5 s static).
     """
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
@@ -345,6 +345,8 @@ def compile_blocks(model: nn.Module) -> list[tuple[Callable, int]]:
     # ... and sizes that happen to be equal once (batch 32, 32 KV rows) are not assumed equal
     if hasattr(fx_config, "use_duck_shape"):
         fx_config.use_duck_shape = False
+    for t in fixed:
+        torch._dynamo.mark_static(t)
     layers = tuple(model.body[model.spec.names.layers])
     size = group_size(len(layers))
     run = torch.compile(_run_group, dynamic=True)
