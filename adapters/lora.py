@@ -715,11 +715,16 @@ class BatchedLoRALinear(nn.Module):
                 return op(x[:, 0], y[:, 0], self.A, self.B, rows, r, weights)[:, None]
             if weights is not None:  # rows mix adapters: [B, width] slots
                 return y + self._mixed(x, rows, weights, r)
-            A = self.A[:, :r].index_select(0, rows).to(x.dtype)
+            A, B = self._gathered(rows, r, x.dtype)
             h = torch.bmm(x, A.transpose(1, 2))  # [B, S, r]
-            B = self.B[:, :r].index_select(0, rows).to(x.dtype)
             return y.baddbmm_(h, B)  # [B, S, out], into y in place as above
         return self._flat(x, y, self._per_token)
+
+    def _gathered(self, slots: Tensor, r: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``A[slots, :r]`` ``[N, r, in]`` and ``B[slots, :r]`` ``[N, r, out]`` in ``dtype``
+        (the tables may be narrower than the input: only the gathered blocks are cast)."""
+        A = self.A[:, :r].index_select(0, slots).to(dtype)
+        return A, self.B[:, :r].index_select(0, slots).to(dtype)
 
     def _mixed(self, x: Tensor, slots: Tensor, weights: Tensor, r: int) -> Tensor:
         """The delta of rows that mix adapters: ``x [N, S, in]``, ``slots`` / ``weights [N,
@@ -727,12 +732,10 @@ class BatchedLoRALinear(nn.Module):
         blocks stacked, their B blocks stacked, the weights on the intermediate): PEFT's "cat"
         combination, gathered per row rather than built. Padding members (slot 0) add zeros."""
         n, k = slots.shape
-        flat = slots.reshape(-1)
-        A = self.A[:, :r].index_select(0, flat).to(x.dtype).reshape(n, k * r, -1)  # [N, K*r, in]
-        h = torch.bmm(x, A.transpose(1, 2))  # [N, S, K*r]
+        A, B = self._gathered(slots.reshape(-1), r, x.dtype)  # [N*K, r, in], [N*K, r, out]
+        h = torch.bmm(x, A.reshape(n, k * r, -1).transpose(1, 2))  # [N, S, K*r]
         h = h * weights.to(h.dtype).repeat_interleave(r, dim=1)[:, None, :]
-        B = self.B[:, :r].index_select(0, flat).to(x.dtype).reshape(n, k * r, -1)  # [N, K*r, out]
-        return torch.bmm(h, B)
+        return torch.bmm(h, B.reshape(n, k * r, -1))
 
     def _delta_kernels(self, x: Tensor, y: Tensor) -> Tensor:
         return self._flat(x, y, self._kernels)
@@ -762,9 +765,8 @@ class BatchedLoRALinear(nn.Module):
         slots, r = self.context.slots, self.context.rank
         if self.context.weights is not None:  # rows mix adapters: [T, width] slots
             return y + self._mixed(x.unsqueeze(1), slots, self.context.weights, r).squeeze(1)
-        A = self.A[:, :r].index_select(0, slots).to(x.dtype).transpose(1, 2)  # [T, in, r]
-        h = torch.bmm(x.unsqueeze(1), A)  # [T, 1, r]
-        B = self.B[:, :r].index_select(0, slots).to(x.dtype)
+        A, B = self._gathered(slots, r, x.dtype)  # [T, r, in], [T, r, out]
+        h = torch.bmm(x.unsqueeze(1), A.transpose(1, 2))  # [T, 1, r]
         return y + torch.bmm(h, B).squeeze(1)  # [T, out]
 
 

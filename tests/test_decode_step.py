@@ -16,7 +16,13 @@ import torch
 from loraserve.adapters.format import write_adapter
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.models import KVCache, load_model
-from loraserve.adapters.models.decode import DecodeStep, batch_buckets, group_size, rank_buckets
+from loraserve.adapters.models.decode import (
+    DecodeStep,
+    batch_buckets,
+    compile_blocks,
+    group_size,
+    rank_buckets,
+)
 from loraserve.adapters.models.packed import PackedLinear, can_pack, pack_linears
 from loraserve.server.engine import GenerationRequest, MixtureMember
 from loraserve.server.runtime import Runtime
@@ -37,13 +43,6 @@ def test_buckets():
     assert rank_buckets(64) == [0, 8, 16, 32, 64]
     assert rank_buckets(12) == [0, 8, 12]
     assert rank_buckets(4) == [0, 4]
-
-
-def test_block_groups():
-    """Compiled groups of blocks are all as long (one compilation serves them), as long as
-    MAX_GROUP allows."""
-    layers = (30, 6, 4, 2, 1, 7, 13, 32, 24, 22)
-    assert [group_size(n) for n in layers] == [6, 6, 4, 2, 1, 7, 1, 8, 8, 2]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +132,19 @@ def test_static_step_with_mixtures_equals_eager(llama, mode):
     assert static == eager
     plain, _ = serve(replace(config, compile="off"), workload(["a0", "a1", "", "a2", "a2"]))
     assert eager != plain  # the mixtures changed their rows
+
+
+def test_block_groups(llama):
+    """Compiled groups of blocks are all as long (one compilation serves them), as long as
+    MAX_GROUP allows, and together run every layer once, in order."""
+    sizes = (30, 6, 4, 2, 1, 7, 13, 32, 24, 22)
+    assert [group_size(n) for n in sizes] == [6, 6, 4, 2, 1, 7, 1, 8, 8, 2]
+    model = load_model(llama[0]).model
+    layers = list(model.body[model.spec.names.layers])
+    groups = compile_blocks(model)
+    size = group_size(len(layers))
+    assert [n for _, n in groups] == [size] * (len(layers) // size)
+    assert [block for fn, _ in groups for block in fn.args[0]] == layers
 
 
 def test_bfloat16_slot_tables(llama):
