@@ -35,6 +35,7 @@ from loraserve.adapters.format import (
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import linear_shapes, replace_linear_with_batched_lora, target_names
 from loraserve.adapters.models import KVCache, load_model
+from loraserve.adapters.models.attention import decode_attention
 from loraserve.adapters.models.decode import DecodeStep
 from loraserve.adapters.models.names import model_folder
 from loraserve.adapters.models.packed import can_pack, pack_linears
@@ -285,7 +286,7 @@ class Runtime:
             device=self.device,
             max_mixture=config.engine_config().max_mixture,
         )
-        self._use_row_op(config)
+        self._use_native_ops(config)
         log.info(
             "decode step %s: warming up batch buckets %s x rank buckets %s x mixed routing %s",
             self.decode_mode,
@@ -299,25 +300,28 @@ class Runtime:
             if config.compile != "auto":
                 raise  # asked for by name: say so
             log.exception("decode step %s failed to warm up; using the eager step", decoder.mode)
-            self.table.context.row_op = None
+            self._drop_native_ops()
             return None
         log.info("decode step %s warm-up took %.1f s", self.decode_mode, seconds)
         return decoder
 
-    def _use_row_op(self, config: ServerConfig) -> None:
-        """A static step on CPU in float32 with the gather backend computes its LoRA rows with
-        the native op (``kernels.cpu``), built here the first time; without it, gather + bmm."""
-        if not (
-            self.device.type == "cpu"
-            and self.dtype == torch.float32
-            and config.lora_backend == "gather"
-            and self.table.num_slots > 0
-        ):
+    def _use_native_ops(self, config: ServerConfig) -> None:
+        """A static step on CPU in float32 computes its attention with the native op
+        (``kernels.cpu``, built here the first time), and, with the gather backend, its LoRA
+        rows; without the library, torch's products (gather + bmm for the rows)."""
+        if not (self.device.type == "cpu" and self.dtype == torch.float32):
             return
         start = time.perf_counter()
-        if cpu_kernels.available():
+        if not cpu_kernels.available():
+            return
+        log.info("native CPU ops ready in %.1f s", time.perf_counter() - start)
+        self.kv_cache.decode_kernel = cpu_kernels.decode_attention
+        if config.lora_backend == "gather" and self.table.num_slots > 0:
             self.table.context.row_op = cpu_kernels.lora_rows
-            log.info("native CPU ops ready in %.1f s", time.perf_counter() - start)
+
+    def _drop_native_ops(self) -> None:
+        self.kv_cache.decode_kernel = decode_attention
+        self.table.context.row_op = None
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Raise ``InvalidAdapter`` unless ``adapter`` fits this server's LoRA-enabled layers

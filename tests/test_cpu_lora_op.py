@@ -1,6 +1,7 @@
-"""The native CPU op for decode rows (``loraserve.adapters.kernels.cpu``) against the layer's
-reference loop, and its place in the server: built once, used by the static step, compiled
-blocks call it without recompiling, and a machine that cannot build it serves without it.
+"""The native CPU ops (``loraserve.adapters.kernels.cpu``): the decode rows' LoRA delta against
+the layer's reference loop, the packed GEMM against ``F.linear``, decode attention against
+torch's products; and their place in the server: built once, used by the static step, compiled
+blocks call them without recompiling, and a machine that cannot build them serves without them.
 """
 
 import os
@@ -10,6 +11,7 @@ import torch
 from loraserve.adapters.kernels import KernelUnavailable
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import BatchedLoRALinear, LoRAContext
+from loraserve.adapters.models.attention import decode_attention
 from loraserve.adapters.models.packed import can_pack, forget_packed
 
 # `make test` runs on a machine with g++ (inductor needs it too): under CI a missing op fails.
@@ -106,6 +108,46 @@ def test_the_gather_layer_takes_the_op_for_one_token_rows():
     ctx.set_rows([1, 3], 3)
     layer(torch.randn(2, 3, IN))  # prefill rows: not the op
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "positions"),
+    [(8, 8, 64, 64), (9, 3, 64, 37), (32, 4, 64, 5), (4, 2, 20, 7), (1, 1, 8, 1)],
+    ids=["one_head_per_kv", "smollm2_groups", "eight_per_kv", "odd_sizes", "smallest"],
+)
+def test_decode_attention_matches_torch(heads, kv_heads, head_dim, positions):
+    """The op on views of a cache (rows and positions past the window, as the decode step
+    reads them), with each row's own read length, equals torch's products; a masked position
+    holding NaN (a stale entry) does not reach the op's result."""
+    g = torch.Generator().manual_seed(heads * 100 + positions)
+    B, T = 5, positions
+    k_cache = torch.randn(B + 2, kv_heads, T + 3, head_dim, generator=g)
+    v_cache = torch.randn(B + 2, kv_heads, T + 3, head_dim, generator=g)
+    k, v = k_cache[:B, :, :T], v_cache[:B, :, :T]
+    q = torch.randn(B, 1, heads, head_dim, generator=g).transpose(1, 2)  # strided, as in a step
+    last = torch.tensor([T - 1, 0, T // 2, T - 1, max(0, T - 2)])
+    mask = torch.arange(T) <= last[:, None, None, None]
+    got = cpu_kernels.decode_attention(q, k, v, mask)
+    assert got.shape == (B, heads, 1, head_dim) and got.is_contiguous()
+    torch.testing.assert_close(got, decode_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    if T > 1:
+        v_cache[1, :, T - 1] = float("nan")  # row 1 reads position 0 only
+        assert torch.isfinite(cpu_kernels.decode_attention(q, k, v, mask)).all()
+
+
+def test_decode_attention_refuses_what_it_cannot_read():
+    q, kv = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 3, 8)
+    mask = torch.ones(2, 1, 1, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="float32 q, k and v"):
+        cpu_kernels.decode_attention(q.half(), kv.half(), kv.half(), mask)
+    with pytest.raises(RuntimeError, match="4 query heads over 3 KV heads"):
+        cpu_kernels.decode_attention(q, torch.randn(2, 3, 3, 8), torch.randn(2, 3, 3, 8), mask)
+    with pytest.raises(RuntimeError, match="one query per row"):
+        cpu_kernels.decode_attention(torch.randn(2, 4, 2, 8), kv, kv, mask)
+    with pytest.raises(RuntimeError, match="the mask does not fit"):
+        cpu_kernels.decode_attention(q, kv, kv, mask[..., :2])
+    with pytest.raises(RuntimeError, match="bool mask"):
+        cpu_kernels.decode_attention(q, kv, kv, mask.float())
 
 
 @pytest.mark.parametrize("bias", [True, False])

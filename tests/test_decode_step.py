@@ -83,9 +83,14 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
     sizes: set[int] = set()
     try:
         decoder = runtime.engine.decoder
-        if decoder is not None and decoder.device.type == "cpu" and runtime.table.num_slots:
-            # the static step on CPU computes its LoRA rows with the native op (where it builds)
-            assert (runtime.table.context.row_op is not None) == cpu_kernels.available()
+        if decoder is not None and decoder.device.type == "cpu":
+            # the static step on CPU computes its attention and LoRA rows with the native ops
+            # (where they build)
+            native = cpu_kernels.available() and runtime.dtype == torch.float32
+            attend = runtime.kv_cache.decode_kernel
+            assert (attend is cpu_kernels.decode_attention) == native
+            if runtime.table.num_slots:
+                assert (runtime.table.context.row_op is not None) == native
         if decoder is not None and decoder.mode == "inductor" and can_pack("cpu", torch.float32):
             # its Linears are oneDNN-packed, through the native op where the library builds
             packed = [m for m in runtime.loaded.model.modules() if isinstance(m, PackedLinear)]

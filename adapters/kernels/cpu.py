@@ -1,5 +1,6 @@
-"""Native CPU ops for the decode step: ``torch.ops.loraserve_cpu.lora_rows`` (the LoRA delta)
-and ``torch.ops.loraserve_cpu.packed_linear`` (the base GEMM).
+"""Native CPU ops for the decode step: ``torch.ops.loraserve_cpu.lora_rows`` (the LoRA delta),
+``torch.ops.loraserve_cpu.packed_linear`` (the base GEMM) and
+``torch.ops.loraserve_cpu.decode_attention`` (attention with one query per row).
 
 On CPU, a decode step's LoRA path is bound by the bytes of the adapters it reads: with 32
 distinct adapters, each row streams its own ``A[s, :r]`` and ``B[s, :r]`` once. The gather
@@ -25,6 +26,12 @@ they are read, so the bytes streamed halve and the products still accumulate in 
 ``loraserve.adapters.models.packed`` in C++: the same registry of oneDNN-packed twins, without
 the ~45 us the Python op spends in dispatch on every call (a decode step makes one call per
 Linear: 43 at hidden 512, 211 for SmolLM2).
+
+``decode_attention(q, k, v, mask)`` (``csrc/decode_attention.cpp``) is
+``loraserve.adapters.models.attention.decode_attention`` in one loop per (row, KV head), reading
+K and V in place from the cache's views, prefetched: a step's attention is bound by those bytes,
+and inductor's lowering of the torch version reads them at about half the machine's bandwidth
+(the source says how much).
 
 The library is compiled from source the first time a server asks for it (about 20 s with g++; the
 same compiler inductor needs) into a per-user cache keyed by the source, torch's version, the
@@ -55,9 +62,14 @@ from . import KernelUnavailable
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / n for n in ("lora_rows.cpp", "packed_linear.cpp")
+    Path(__file__).with_name("csrc") / n
+    for n in ("lora_rows.cpp", "packed_linear.cpp", "decode_attention.cpp")
 )
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w"]
+# -fno-math-errno: expf in a loop vectorises (libmvec) only when it need not set errno
+FLAGS = [
+    *("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"),
+    *("-shared", "-fPIC", "-w"),
+]
 BUILD_TIMEOUT_S = 300
 _lock = threading.Lock()
 
@@ -148,7 +160,7 @@ _loaded: bool | KernelUnavailable = False  # True, or the reason it cannot be lo
 
 
 def load() -> None:
-    """Build (once per cache) and register ``torch.ops.loraserve_cpu.lora_rows``.
+    """Build (once per cache) and register the ops (``torch.ops.loraserve_cpu.*``).
 
     Raises ``KernelUnavailable`` when there is no C++ compiler or the build fails; the outcome
     is kept for the process, so a failed build is not retried."""
@@ -178,6 +190,7 @@ def _build_and_register() -> None:
         raise KernelUnavailable(f"loading the native CPU ops {target} failed: {e}") from e
     torch.library.register_fake("loraserve_cpu::lora_rows")(_fake)
     torch.library.register_fake("loraserve_cpu::packed_linear")(_fake_linear)
+    torch.library.register_fake("loraserve_cpu::decode_attention")(_fake_attention)
 
 
 def _fake(
@@ -188,6 +201,10 @@ def _fake(
 
 def _fake_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def available() -> bool:
@@ -221,6 +238,14 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     twin of ``loraserve.adapters.models.packed.packed_linear``. ``load()`` must have
     succeeded."""
     return torch.ops.loraserve_cpu.packed_linear(x, weight, bias)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(D), masked) v`` for one query per row: q ``[B, H, 1, D]``, k and v
+    ``[B, Hkv, T, D]`` (views of the KV cache), mask bool ``[B, 1, 1, T]``, float32 (the
+    semantics of ``models.attention.decode_attention``, except that a masked position adds
+    nothing even when it is not finite). ``load()`` must have succeeded."""
+    return torch.ops.loraserve_cpu.decode_attention(q, k, v, mask)
 
 
 def forget_packed() -> None:

@@ -19,10 +19,14 @@ Contract for the engine:
 - The read window kv_len (largest position + 1) is passed in by the engine, which knows it on
   the host; a caller that does not pass it pays one read-back of `positions.max()` per forward.
 - With `cache_rows=None` rows 0..B-1 are read as views (no gather).
+- `KVCache.decode_kernel`: what computes attention for one query per row on CPU (a decode
+  step), `decode_attention` below unless the runtime sets the native op
+  (`loraserve.adapters.kernels.cpu.decode_attention`, float32).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +58,7 @@ class KVCache:
         shape = (max_batch, config.num_kv_heads, max_seq + 1, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.decode_kernel: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = decode_attention
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +102,7 @@ class KVCache:
         key_pos = torch.arange(kv_len, device=positions.device)
         mask = key_pos <= positions[:, None, :, None]  # [B, 1, S, kv_len]
         write_at = positions if write_at is None else write_at
-        return CacheStep(self, rows, write_at, mask)
+        return CacheStep(self, rows, write_at, mask, self.decode_kernel)
 
 
 @dataclass
@@ -106,21 +111,27 @@ class CacheStep:
     rows: Tensor | None  # [B] cache rows, or None for rows 0..B-1
     write_at: Tensor  # [B, S] where each token's k/v go
     mask: Tensor  # bool [B, 1, S, kv_len], True where key_pos <= query_pos
+    decode_kernel: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.cache.k[i], self.cache.v[i], self.rows, self.write_at, self.mask)
+        cache = self.cache
+        return LayerKV(
+            cache.k[i], cache.v[i], self.rows, self.write_at, self.mask, self.decode_kernel
+        )
 
 
 @dataclass
 class LayerKV:
-    """One layer's share of a ``CacheStep``: plain tensors only (no layer index, no cache
-    object), so a compiled block sees the same kind of input at every layer."""
+    """One layer's share of a ``CacheStep``: plain tensors (no layer index, no cache object)
+    and the cache's decode kernel, so a compiled block sees the same kind of input at every
+    layer."""
 
     k: Tensor  # [rows, Hkv, max_seq + 1, D]: the layer's whole cache
     v: Tensor
     rows: Tensor | None
     write_at: Tensor
     mask: Tensor
+    decode_kernel: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # KVCache.decode_kernel
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v: [B, Hkv, S, D]; return this batch's [B, Hkv, kv_len, D] to attend."""
@@ -141,7 +152,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None) -> Tensor:
     k, v = kv.update(k, v)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if q.shape[2] == 1 and q.device.type == "cpu":
-        return decode_attention(q, k, v, kv.mask)
+        return kv.decode_kernel(q, k, v, kv.mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask, enable_gqa=True)
 
 
