@@ -659,15 +659,19 @@ class BatchedLoRALinear(nn.Module):
         self.B[slot].zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.linear(x)
+        return self.add_delta(x, self.linear(x))
+
+    def add_delta(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` (the base output for ``x``: this call's own fresh tensor, or a slice of one,
+        which it may write in place) plus every token's LoRA delta."""
         ctx = self.context
         if not ctx.active:
             return y  # every token on slot 0: the base model
         if ctx.single is not None and self.backend != "loop":
             s, r = ctx.single, ctx.rank
             h = x @ self.A[s, :r].T.to(x.dtype)
-            # into y in place (y is this call's own fresh output): a prefill's y is tens of MB,
-            # and y + delta would write a new one and a delta the size of y besides
+            # into y in place: a prefill's y is tens of MB, and y + delta would write a new
+            # one and a delta the size of y besides
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B[s, :r].to(x.dtype))
             return y
         return self._forward_delta(x, y)

@@ -38,7 +38,7 @@ from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.attention import decode_attention
 from loraserve.adapters.models.decode import DecodeStep
 from loraserve.adapters.models.names import model_folder
-from loraserve.adapters.models.packed import can_pack, pack_linears
+from loraserve.adapters.models.packed import can_pack, fuse_projections, pack_linears
 from loraserve.server.adapter_cache import AdapterCache, HostCache
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine import Engine
@@ -203,11 +203,14 @@ class Runtime:
         self.lora_shapes = {n: self.base_shapes[n] for n in self.table.layers}
         if packed:  # through the native op when the CPU library builds here
             native = cpu_kernels.available()
+            groups = fuse_projections(model)
             n = pack_linears(model, native)
             log.info(
-                "oneDNN-packed %d linear layers for the CPU GEMM (%s op)",
+                "oneDNN-packed %d linear layers for the CPU GEMM (%s op), %d groups of "
+                "projections that share an input fused",
                 n,
                 "native" if native else "Python",
+                groups,
             )
         self.kv_cache = KVCache(
             self.loaded.config, config.max_batch_size, config.max_seq_len, self.device, self.dtype

@@ -15,6 +15,7 @@ import pytest
 import torch
 from loraserve.adapters.format import write_adapter
 from loraserve.adapters.kernels import cpu as cpu_kernels
+from loraserve.adapters.lora import replace_linear_with_batched_lora
 from loraserve.adapters.models import KVCache, load_model
 from loraserve.adapters.models.decode import (
     DecodeStep,
@@ -23,12 +24,17 @@ from loraserve.adapters.models.decode import (
     group_size,
     rank_buckets,
 )
-from loraserve.adapters.models.packed import PackedLinear, can_pack, pack_linears
+from loraserve.adapters.models.packed import (
+    PackedLinear,
+    can_pack,
+    fuse_projections,
+    pack_linears,
+)
 from loraserve.server.engine import GenerationRequest, MixtureMember
 from loraserve.server.runtime import Runtime
 from loraserve.server.sampling import SamplingParams
 
-from tests.checkpoints import make_gpt2, make_llama
+from tests.checkpoints import make_gpt2, make_llama, make_phi3, make_qwen2
 from tests.serving import random_adapter, serving_config
 from tests.test_sync_free import forbid_host_sync
 
@@ -95,6 +101,9 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
             # its Linears are oneDNN-packed, through the native op where the library builds
             packed = [m for m in runtime.loaded.model.modules() if isinstance(m, PackedLinear)]
             assert packed and all(m.native == cpu_kernels.available() for m in packed)
+            # and the projections that share an input are one GEMM
+            layer = runtime.loaded.model.model.layers[0]
+            assert layer.self_attn.fused is not None and layer.mlp.fused is not None
         if decoder is not None:
             inner = decoder.__call__
 
@@ -284,6 +293,54 @@ def test_packed_linears_compute_what_the_dense_ones_do(llama, native):
     with torch.no_grad():  # a weight written after packing is packed again, never stale
         packed.lm_head.weight.mul_(2)
         assert torch.allclose(packed.lm_head(x), x @ packed.lm_head.weight.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [make_llama, make_qwen2], ids=["llama", "qwen2_qkv_bias"])
+@pytest.mark.parametrize("backend", ["gather", "segment"])
+def test_fused_projections_compute_what_the_separate_ones_do(tmp_path, make, backend):
+    """q/k/v and gate/up as one GEMM each, with LoRA on some of them (q, v, gate: each
+    wrapper's delta lands on its own slice) and plain Linears beside them: the logits of the
+    separate model, for rows on different adapters, one adapter, and the base; the separate
+    weights become views of the fused one (no second copy)."""
+    folder = make(tmp_path)
+    models, tables = [], []
+    for _ in range(2):
+        model = load_model(folder).model
+        table = replace_linear_with_batched_lora(
+            model, ["q_proj", "v_proj", "gate_proj"], 2, 8, backend=backend
+        )
+        g = torch.Generator().manual_seed(5)
+        for slot in (1, 2):
+            weights = {}
+            for name, layer in table.layers.items():
+                n_in, n_out = layer.A.shape[2], layer.B.shape[2]
+                A, B = torch.randn(n_in, 8, generator=g), torch.randn(8, n_out, generator=g)
+                weights[name] = (A * 0.1, B * 0.1, 0.5)
+            table.fill(slot, weights)
+        models.append(model)
+        tables.append(table)
+    separate, fused = models
+    layers = len(fused.model.layers)
+    assert fuse_projections(fused) == 2 * layers  # attention and MLP of every layer
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.fused.weight.shape[0] == sum(attn.widths)
+    assert attn.q_proj.linear.weight.data_ptr() == attn.fused.weight.data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused.weight.data_ptr()
+    assert (attn.fused.bias is not None) == (attn.k_proj.bias is not None)
+    ids = torch.randint(0, 100, (3, 6))
+    for routes in ([1, 2, 0], [2, 2, 2], [0, 0, 0]):
+        with torch.inference_mode():
+            want, got = [
+                (table.set_row_slots(routes, 6, "cpu"), model(ids))[1]
+                for table, model in zip(tables, models)
+            ]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert fuse_projections(fused) == 0  # once
+
+
+def test_checkpoint_fused_projections_stay_as_they_are(tmp_path):
+    model = load_model(make_phi3(tmp_path)).model  # qkv_proj and gate_up_proj in the file
+    assert fuse_projections(model) == 0
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

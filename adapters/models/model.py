@@ -46,6 +46,18 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else RMSNorm(dim, eps)
 
 
+def project(parent: nn.Module, names: tuple[str, ...], widths: tuple[int, ...], x: Tensor):
+    """The outputs of ``parent``'s projections ``names`` (output widths ``widths``) of ``x``.
+    Where they were fused for serving (``parent.fused``, see ``models.packed.fuse_projections``)
+    it is one GEMM over their weights concatenated, then each LoRA wrapper's delta on its
+    slice; otherwise one call each."""
+    if parent.fused is None:
+        return [getattr(parent, name)(x) for name in names]
+    parts = parent.fused(x).split(widths, dim=-1)
+    modules = [getattr(parent, name) for name in names]
+    return [y if isinstance(m, nn.Linear) else m.add_delta(x, y) for m, y in zip(modules, parts)]
+
+
 def add_projections(
     parent: nn.Module, names: tuple[str, ...], in_dim: int, widths: tuple[int, ...], bias: bool
 ) -> None:
@@ -65,6 +77,9 @@ class Attention(nn.Module):
         self.widths = (H * D, Hkv * D, Hkv * D)
         self.qkv_names, self.o_name = names.qkv, names.o
         add_projections(self, names.qkv, C, self.widths, config.qkv_bias or layout.bias)
+        # separate q, k, v read one input: fuse_projections may make them one GEMM (`project`)
+        self.fusable = names.qkv if len(names.qkv) > 1 else ()
+        self.fused: nn.Linear | None = None
         self.add_module(names.o, nn.Linear(H * D, C, bias=layout.bias))
         self.qk_norm = layout.qk_norm
         if layout.qk_norm:
@@ -73,7 +88,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: Rope | None, kv: LayerKV | None) -> Tensor:
         B, S, _ = x.shape
-        projections = [getattr(self, name)(x) for name in self.qkv_names]
+        projections = project(self, self.qkv_names, self.widths, x)
         if len(projections) == 1:  # fused [q; k; v] along the output
             projections = projections[0].split(self.widths, dim=-1)
         # q: [B, S, H, D]; k, v: [B, S, Hkv, D]
@@ -97,12 +112,15 @@ class MLP(nn.Module):
         C, F = config.hidden_size, config.intermediate_size
         self.gated = layout.mlp == "gated"
         self.up_names, self.down_name = names.up, names.down
-        add_projections(self, names.up, C, (F, F) if self.gated else (F,), layout.bias)
+        self.widths = (F, F) if self.gated else (F,)
+        add_projections(self, names.up, C, self.widths, layout.bias)
+        self.fusable = names.up if len(names.up) > 1 else ()  # separate gate and up
+        self.fused: nn.Linear | None = None
         self.add_module(names.down, nn.Linear(F, C, bias=layout.bias))
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = [getattr(self, name)(x) for name in self.up_names]
+        h = project(self, self.up_names, self.widths, x)
         if not self.gated:
             h = self.act(h[0])
         else:

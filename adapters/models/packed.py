@@ -83,7 +83,8 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` computed through its packed weight (see the module docstring); through
-    the native op when ``native`` (its twin is packed on the first call)."""
+    the native op when ``native``. Its twin is packed on the first call (a Linear that
+    ``fuse_projections`` made part of a fused one is never called, and never packed)."""
 
     native = False
 
@@ -94,8 +95,6 @@ class PackedLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # the same Parameters, not copies
         new.native = native
-        if not native:
-            packed_weight(new.weight)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -114,6 +113,45 @@ def pack_linears(model: nn.Module, native: bool = False) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear.from_linear(getattr(parent, child), native))
     return len(names)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Make the projections that read one input one GEMM: q, k and v of every attention, gate
+    and up of every gated MLP (modules whose ``fusable`` names them), where each is a plain
+    Linear or a ``BatchedLoRALinear`` around one, with biases on all or none. The parent's
+    ``fused`` becomes one Linear over their weights concatenated, and their own weights become
+    views of it (no second copy); ``models.model.project`` then runs the fused GEMM and adds
+    each wrapper's LoRA delta to its slice. A serving-time step, before ``pack_linears``: at
+    decode shapes one GEMM of the summed width runs nearer the machine's peak than three or
+    two narrow ones, and makes one call instead of several (SmolLM2-135M's Linears at batch 32,
+    packed, 2 Xeon cores: 67 -> 60.5 ms a step). Returns how many groups were fused."""
+    from ..lora import BatchedLoRALinear
+
+    groups = 0
+    for parent in model.modules():
+        names = getattr(parent, "fusable", ())
+        if not names or parent.fused is not None:
+            continue
+        members = [getattr(parent, name) for name in names]
+        if not all(isinstance(m, (nn.Linear, BatchedLoRALinear)) for m in members):
+            continue
+        bases = [m if isinstance(m, nn.Linear) else m.linear for m in members]
+        if len({b.bias is None for b in bases}) > 1:
+            continue
+        weight = torch.cat([b.weight.detach() for b in bases])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if bases[0].bias is not None:
+            fused.bias = nn.Parameter(torch.cat([b.bias.detach() for b in bases]), False)
+        widths = [b.out_features for b in bases]
+        for b, w in zip(bases, weight.split(widths)):
+            b.weight = nn.Parameter(w, requires_grad=False)
+        if fused.bias is not None:
+            for b, v in zip(bases, fused.bias.split(widths)):
+                b.bias = nn.Parameter(v, requires_grad=False)
+        parent.fused = fused
+        groups += 1
+    return groups
 
 
 def forget_packed() -> None:
