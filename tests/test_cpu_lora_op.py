@@ -38,14 +38,23 @@ def table(rank: int, seed: int = 0) -> BatchedLoRALinear:
 
 @pytest.mark.parametrize(
     "slots",
-    [[0, 2, 1, 2, 0, 5, 3], [3, 3, 3, 3], [5, 4, 3, 2, 1, 0, 0], [0, 0, 0], [2]],
-    ids=["mixed", "one_adapter", "distinct_padded", "all_base", "one_row"],
+    [
+        [0, 2, 1, 2, 0, 5, 3],
+        [3, 3, 3, 3],
+        [5, 4, 3, 2, 1, 0, 0],
+        [0, 0, 0],
+        [2],
+        [1] * 9 + [2, 2, 0, 0, 0, 0, 4],
+    ],
+    ids=["mixed", "one_adapter", "distinct_padded", "all_base", "one_row", "runs"],
 )
 @pytest.mark.parametrize("rank", [3, 6, 8])  # the op takes four ranks per pass, then the rest
 def test_lora_rows_matches_the_reference_loop(slots, rank):
+    """Rows one at a time, and runs of rows on the same slot four at a time (tiles), with
+    the rest after them; y a slice of a wider output (fused projections), read in place."""
     layer = table(rank)
     x = torch.randn(len(slots), IN)
-    y = torch.randn(len(slots), OUT)
+    y = torch.randn(len(slots), OUT + 9)[:, 3 : 3 + OUT]
     rows = torch.tensor(slots)
     got = cpu_kernels.lora_rows(x, y, layer.A, layer.B, rows, rank)
     want = y.clone()
@@ -72,6 +81,21 @@ def test_lora_rows_reads_16_bit_tables(dtype):
     mixed, weights = torch.tensor([[1, 3], [2, 0]] * 3), torch.tensor([[0.5, -1.0], [1.0, 0.0]] * 3)
     want = cpu_kernels.lora_rows(x, y, A.float(), B.float(), mixed, 6, weights)
     torch.testing.assert_close(cpu_kernels.lora_rows(x, y, A, B, mixed, 6, weights), want)
+
+
+def test_lora_rows_weighs_each_row_of_a_tile():
+    """Rows that mix the same adapters with different weights: a tile of four computes each
+    row's own weighted sum (and a row after the tile alone)."""
+    layer = table(6, seed=3)
+    x, y = torch.randn(5, IN), torch.randn(5, OUT)
+    slots = torch.tensor([[1, 4]] * 5)
+    weights = torch.tensor([[0.5, -1.0], [1.0, 0.0], [2.0, 0.25], [-0.5, 1.0], [1.0, 1.0]])
+    got = cpu_kernels.lora_rows(x, y, layer.A, layer.B, slots, 6, weights)
+    want = y.clone()
+    for b in range(5):
+        for s, w in zip(slots[b].tolist(), weights[b].tolist()):
+            want[b] += w * (x[b] @ layer.A[s, :6].T) @ layer.B[s, :6]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_lora_rows_refuses_what_it_cannot_read():
