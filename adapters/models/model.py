@@ -9,6 +9,8 @@ come from the config itself. The forward contract is in the `loraserve.adapters.
 Every projection is an nn.Linear ([out, in] weights) registered under its HF name, so LoRA swaps
 in by name and PEFT keys map 1:1. Submodules are looked up by name inside `forward` on purpose:
 LoRA replaces Linears in place (`setattr` on the parent), which a cached reference would miss.
+A serving step may give an attention or MLP a `fused` Linear over its separate q/k/v or
+gate/up weights (`models.packed.fuse_projections`); `project` runs either form.
 `<root>.rotary_emb` holds only non-persistent float32 frequencies. Construction order (hence
 the random init of `build_model`) is the HF order: embeddings, blocks, final norm, lm_head.
 """
@@ -46,7 +48,9 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else RMSNorm(dim, eps)
 
 
-def project(parent: nn.Module, names: tuple[str, ...], widths: tuple[int, ...], x: Tensor):
+def project(
+    parent: nn.Module, names: tuple[str, ...], widths: tuple[int, ...], x: Tensor
+) -> list[Tensor]:
     """The outputs of ``parent``'s projections ``names`` (output widths ``widths``) of ``x``.
     Where they were fused for serving (``parent.fused``, see ``models.packed.fuse_projections``)
     it is one GEMM over their weights concatenated, then each LoRA wrapper's delta on its
