@@ -13,14 +13,22 @@ every method), batch 32, 36-token prompts, 32 new tokens, greedy, prefill includ
   the adapter bytes per step; an option, not the default).
 
 Ratios (the issue's targets): grpc-distinct / grpc-base >= 0.92, grpc-distinct / peft-mixed
->= 3.5, grpc-base / hf-base >= 1.3. One process per method.
+>= 3.5, grpc-base / hf-base >= 1.3.
 
-    python -m bench.real [--compile auto|off] [--reps N] [--out DIR]
+The methods run in rounds: each round runs every method once, in a fresh process, for
+``--reps`` timed repetitions after its warm-up; a method's figure is the median over all its
+rounds' repetitions. A shared 2-core VM drifts by 10-25% over minutes (hf-base read 210, 253
+and 276 tok/s on one day), so methods timed one after the other, each over a few minutes,
+gave ratios that moved with the machine; interleaved, each ratio compares methods that ran
+under the same conditions.
+
+    python -m bench.real [--compile auto|off] [--rounds N] [--reps N] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -109,7 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--compile", default="auto", help="loraserve's --compile (default auto)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="every method once per round")
+    p.add_argument("--reps", type=int, default=1, help="timed repetitions per method per round")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -125,23 +134,29 @@ def run_suite(args: argparse.Namespace) -> dict:
     machine = describe(args.device, args.dtype)
     model = ck.checkpoint(SPEC, args.cache_dir)
     adapters_dir = ck.adapter_folder(model, RANK, BATCH, args.cache_dir)
-    results = {}
-    for method in args.methods:
-        job = {
-            "kind": "real",
-            "method": method,
-            "model": str(model),
-            "adapters_dir": str(adapters_dir),
-            "device": args.device,
-            "dtype": args.dtype,
-            "compile": args.compile,
-            "reps": args.reps,
-            "vocab": SPEC.vocab,
-        }
-        result = run_worker("bench.real", job)
-        result.pop("outputs", None)
-        results[method] = result
-        print(f"{method:14s} {result['tok_s']:8.1f} tok/s  reps {result['tok_s_reps']}", flush=True)
+    rounds: dict[str, list[dict]] = {method: [] for method in args.methods}
+    for n in range(args.rounds):
+        for method in args.methods:
+            job = {
+                "kind": "real",
+                "method": method,
+                "model": str(model),
+                "adapters_dir": str(adapters_dir),
+                "device": args.device,
+                "dtype": args.dtype,
+                "compile": args.compile,
+                "reps": args.reps,
+                "vocab": SPEC.vocab,
+            }
+            result = run_worker("bench.real", job)
+            result.pop("outputs", None)
+            rounds[method].append(result)
+            print(
+                f"round {n + 1} {method:20s} {result['tok_s']:8.1f} tok/s  "
+                f"reps {result['tok_s_reps']}",
+                flush=True,
+            )
+    results = {method: combine(runs) for method, runs in rounds.items()}
     targets = []
     for num, den, target in TARGETS:
         if num in results and den in results:
@@ -165,12 +180,31 @@ def run_suite(args: argparse.Namespace) -> dict:
             "rank": RANK,
             "adapters": BATCH,
             "compile": args.compile,
+            "rounds": args.rounds,
             "reps": args.reps,
             "greedy": True,
         },
         "results": results,
         "targets": targets,
         "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+
+
+def combine(runs: list[dict]) -> dict:
+    """One method's rounds as one result: medians over every repetition (throughput) and
+    over the rounds (engine step, prefill); each round as it came."""
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    reps = [tok_s for r in runs for tok_s in r["tok_s_reps"]]
+    return {
+        "tok_s": round(statistics.median(reps), 2),
+        "tok_s_reps": reps,
+        "decode_step_ms": median("decode_step_ms"),
+        "prefill_ms_per_rep": median("prefill_ms_per_rep"),
+        "rounds": runs,
     }
 
 
@@ -189,13 +223,20 @@ def markdown(report: dict) -> str:
         f"{s['model']['hidden']}, {s['model']['params'] / 1e6:.0f}M params, random weights). "
         f"Batch {s['batch']}, {s['prompt_len']}-token prompts, {s['new_tokens']} new tokens, "
         f"greedy, prefill included; {s['adapters']} distinct rank-{s['rank']} adapters; "
-        f"loraserve `--compile {s['compile']}`. Median of {s['reps']} repetitions.",
+        f"loraserve `--compile {s['compile']}`. The methods ran in {s.get('rounds', 1)} "
+        f"interleaved rounds of {s['reps']} timed repetition(s) each, every round a fresh "
+        "process per method; the median over all of a method's repetitions.",
         "",
-        "| method | tok/s | repetitions |",
-        "|---|---:|---|",
+        "| method | tok/s | repetitions (round by round) | decode step ms | prefill ms |",
+        "|---|---:|---|---:|---:|",
     ]
     for method, r in report["results"].items():
-        lines.append(f"| {method} | {r['tok_s']:.1f} | {r['tok_s_reps']} |")
+        step, prefill = r.get("decode_step_ms"), r.get("prefill_ms_per_rep")
+        lines.append(
+            f"| {method} | {r['tok_s']:.1f} | {r['tok_s_reps']} | "
+            f"{'-' if step is None else f'{step:.1f}'} | "
+            f"{'-' if prefill is None else f'{prefill:.0f}'} |"
+        )
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     for t in report["targets"]:
         lines.append(
