@@ -19,6 +19,11 @@ Linear weight in host memory.
 Where the native CPU library is built (``loraserve.adapters.kernels.cpu``), ``pack_linears(...,
 native=True)`` computes through its C++ twin of this op, ``loraserve_cpu::packed_linear``: the
 same contract and registry semantics, without the Python op's dispatch cost on every call.
+
+``fuse_projections`` goes first: q/k/v and gate/up, which read one input, become one Linear
+each (their weights concatenated, the separate ones views of it), so one packed GEMM of the
+summed width replaces three or two narrow ones. The fused Linear adds keys to the module's
+state dict (``...fused.weight``); the checkpoint's own keys stay.
 """
 
 from __future__ import annotations
