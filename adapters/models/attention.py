@@ -102,7 +102,7 @@ class KVCache:
         key_pos = torch.arange(kv_len, device=positions.device)
         mask = key_pos <= positions[:, None, :, None]  # [B, 1, S, kv_len]
         write_at = positions if write_at is None else write_at
-        return CacheStep(self, rows, write_at, mask, self.decode_kernel)
+        return CacheStep(self, rows, write_at, mask)
 
 
 @dataclass
@@ -111,12 +111,11 @@ class CacheStep:
     rows: Tensor | None  # [B] cache rows, or None for rows 0..B-1
     write_at: Tensor  # [B, S] where each token's k/v go
     mask: Tensor  # bool [B, 1, S, kv_len], True where key_pos <= query_pos
-    decode_kernel: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
     def layer(self, i: int) -> LayerKV:
         cache = self.cache
         return LayerKV(
-            cache.k[i], cache.v[i], self.rows, self.write_at, self.mask, self.decode_kernel
+            cache.k[i], cache.v[i], self.rows, self.write_at, self.mask, cache.decode_kernel
         )
 
 
