@@ -11,7 +11,7 @@ run:
          the adapter bytes per step (CPU float32 only)
 
 each under every *variant* (LoRA backend x ``--compile``; default ``gather:off`` = the eager
-step and ``gather:auto`` = the static step, compiled with inductor and oneDNN-packed weights on
+step and ``gather:auto`` = the static step, compiled with inductor and packed weights on
 CPU, CUDA graphs on GPU), on random Llama-style checkpoints at hidden 512 (6 layers, ~27M
 parameters) and hidden 2048 (4 layers), rank-16 adapters on every linear layer but lm_head,
 batch 32, prompt 32 tokens, greedy, all requests submitted at once. Every configuration runs
@@ -21,9 +21,9 @@ repetitions after a warm-up (a compiled server has compiled every bucket before 
 Two physical floors, both measured in the same run:
 
 - the compute floor of (a)'s decode step: every Linear of the model (lm_head included) as one
-  GEMM of 32 rows, timed alone at its shape with the best GEMM this machine has there (BLAS or
-  oneDNN, ``bench.machine.gemm_floor``); attention and norms come on top, so a step can only
-  approach it;
+  GEMM of 32 rows, timed alone at its shape with the best GEMM this machine has there (the
+  BLAS, oneDNN, or the server's own, ``bench.machine.gemm_floor``); attention and norms come
+  on top, so a step can only approach it;
 - the floor of (c): a decode step must read every distinct adapter's A and B once,
   ``n * r * (d_in + d_out)`` values per adapted layer, on top of what (a)'s step does. So
   ``floor_step(c) = step(a) + adapter bytes / memory bandwidth`` (same variant), the bandwidth

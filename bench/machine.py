@@ -171,18 +171,21 @@ def gemm_floor(
     rows, timed alone on this machine at its own shape.
 
     ``shapes``: ``(d_in, d_out) -> how many layers have it``. Each shape is timed through
-    ``F.linear`` (the BLAS) and, where it runs (CPU float32), through the oneDNN-packed linear
-    the compiled step uses; the floor takes the faster per shape, so it is the best GEMM this
-    machine offers at that shape, not ours. Weights are *streamed* as in a real step (whose
+    ``F.linear`` (the BLAS) and, where they run (CPU float32), through oneDNN's linear on a
+    packed weight and through the native op the compiled step uses (``native``: the library's
+    own GEMM on AVX-512); the floor takes the fastest per shape, so it is the best GEMM this
+    machine offers at that shape, ours or not. Weights are *streamed* as in a real step (whose
     weights outgrow the caches): each call takes the next of enough copies to fill 64 MiB, so
     it reads its weight from memory; the same GEMM on a cache-resident weight is reported too
     (``hot``). Returns per shape ms and GFLOPS, and the totals: ``floor_ms`` (sum of the best
     streamed times), ``hot_floor_ms``, ``blas_ms`` (streamed, BLAS only), ``gflop``."""
     import torch.nn.functional as F
+    from loraserve.adapters.kernels import cpu as cpu_kernels
     from loraserve.adapters.models.packed import can_pack, packed_linear
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     packable = can_pack(dev, dt)
+    native = packable and cpu_kernels.available()
     rows, totals, flops = [], {"floor": 0.0, "hot": 0.0, "blas": 0.0}, 0
     for (d_in, d_out), count in sorted(shapes.items()):
         x = torch.randn(batch, d_in, device=dev, dtype=dt)
@@ -191,6 +194,8 @@ def gemm_floor(
         ops = {"blas": F.linear}
         if packable:
             ops["onednn"] = lambda x, w: packed_linear(x, w, None)
+            if native:
+                ops["native"] = lambda x, w: cpu_kernels.packed_linear(x, w, None)
         times = {}
         for name, op in ops.items():
             times[name] = _time_cycling(op, x, ws, dev, reps)

@@ -108,7 +108,7 @@ class ServerConfig:
     compile: str = setting(
         "auto",
         "the decode step: off = eager; auto = on fixed shapes, compiled where it pays (CPU: "
-        "inductor and oneDNN-packed weights; CUDA: eager until its CUDA-graph path has passed "
+        "inductor and packed weights; CUDA: eager until its CUDA-graph path has passed "
         "its tests on a GPU, LORASERVE_CUDA_GRAPHS=1 opts in); or name a mode: static (padded, "
         "eager), inductor, cuda-graphs",
         choices=["auto", "off", *DECODE_MODES],

@@ -105,7 +105,7 @@ class MemoryPlan:
     slot_tables: int
     host_cache: int  # the host adapter cache's byte bound (filled on demand)
     device: torch.device
-    packed: int = 0  # oneDNN-packed copies of the Linear weights (compiled CPU step)
+    packed: int = 0  # packed copies of the Linear weights (compiled CPU step)
 
     @property
     def to_allocate(self) -> int:
@@ -161,7 +161,7 @@ def plan_memory(
     packed: bool = False,
     lora_dtype: torch.dtype | None = None,
 ) -> MemoryPlan:
-    """``packed``: the Linear weights get oneDNN-packed copies (``adapters.models.packed``).
+    """``packed``: the Linear weights get packed copies (``adapters.models.packed``).
     ``lora_dtype``: the slot tables' dtype (default ``dtype``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     table_itemsize = torch.empty((), dtype=lora_dtype or dtype).element_size()

@@ -205,12 +205,11 @@ class Runtime:
             native = cpu_kernels.available()
             groups = fuse_projections(model)
             n = pack_linears(model, native)
+            kernel = f"native op, {cpu_kernels.packed_kernel()}" if native else "Python op, oneDNN"
             log.info(
-                "oneDNN-packed %d linear layers for the CPU GEMM (%s op), %d groups of "
-                "projections that share an input fused",
-                n,
-                "native" if native else "Python",
-                groups,
+                "packed %d linear layers for the CPU GEMM (%s), %d groups of projections that "
+                "share an input fused",
+                *(n, kernel, groups),
             )
         self.kv_cache = KVCache(
             self.loaded.config, config.max_batch_size, config.max_seq_len, self.device, self.dtype

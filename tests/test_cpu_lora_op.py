@@ -5,9 +5,11 @@ blocks call them without recompiling, and a machine that cannot build them serve
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from loraserve.adapters.kernels import KernelUnavailable
 from loraserve.adapters.kernels import cpu as cpu_kernels
 from loraserve.adapters.lora import BatchedLoRALinear, LoRAContext
@@ -186,6 +188,38 @@ def test_packed_linear_computes_the_linear(bias):
             torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="does not fit the weight"):
         cpu_kernels.packed_linear(torch.randn(2, IN + 1), linear.weight)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 32, 37, 600])
+def test_packed_linear_every_tile_and_panel_edge(rows, bias):
+    """The op's GEMM at every edge of its tiling: rows not a multiple of the 8-row tile (and
+    past the size where it hands over to the BLAS), outputs not a multiple of the 48-column
+    panel (a narrow one, a partial last panel), odd inner sizes, a strided input and a
+    transposed (non-contiguous) weight."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    avx512 = any(line.startswith("flags") and " avx512f" in line for line in lines)
+    assert cpu_kernels.packed_kernel() == ("panels" if avx512 else "onednn")
+    g = torch.Generator().manual_seed(rows)
+    for d_in, d_out in ((5, 3), (72, 40), (33, 97), (576, 960), (129, 48)):
+        w = torch.randn(d_out, d_in, generator=g)
+        b = torch.randn(d_out, generator=g) if bias else None
+        x = torch.randn(rows, d_in, generator=g)
+        want = F.linear(x.double(), w.double(), None if b is None else b.double())
+        with torch.inference_mode():
+            got = cpu_kernels.packed_linear(x, w, b)
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    wide = torch.randn(rows, 2 * d_in, generator=g)[:, ::2]  # every other column
+    wt = torch.randn(d_in, d_out, generator=g).T  # a transposed weight
+    with torch.inference_mode():
+        got = cpu_kernels.packed_linear(wide, wt, b)
+        # a weight made under inference mode has no version counter: no twin, the BLAS
+        inference_w = wt.clone()
+        torch.testing.assert_close(
+            cpu_kernels.packed_linear(wide, inference_w, b), got, atol=1e-4, rtol=1e-4
+        )
+    torch.testing.assert_close(got, F.linear(wide, wt, b), atol=1e-4, rtol=1e-4)
 
 
 def test_packed_twins_follow_their_weights():

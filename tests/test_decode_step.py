@@ -98,7 +98,7 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
             if runtime.table.num_slots:
                 assert (runtime.table.context.row_op is not None) == native
         if decoder is not None and decoder.mode == "inductor" and can_pack("cpu", torch.float32):
-            # its Linears are oneDNN-packed, through the native op where the library builds
+            # its Linears are packed, through the native op where the library builds
             packed = [m for m in runtime.loaded.model.modules() if isinstance(m, PackedLinear)]
             assert packed and all(m.native == cpu_kernels.available() for m in packed)
             # and the projections that share an input are one GEMM (GPT-2's are in the file)

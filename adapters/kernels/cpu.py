@@ -23,9 +23,12 @@ float32; the tables are float32, or bfloat16 / float16 (``--lora-dtype``), widen
 they are read, so the bytes streamed halve and the products still accumulate in float32.
 
 ``packed_linear(x, weight, bias)`` (``csrc/packed_linear.cpp``) is the Python custom op of
-``loraserve.adapters.models.packed`` in C++: the same registry of oneDNN-packed twins, without
-the ~45 us the Python op spends in dispatch on every call (a decode step makes one call per
-Linear: 43 at hidden 512, 211 for SmolLM2).
+``loraserve.adapters.models.packed`` in C++: the same registry of packed twins, without the
+~45 us the Python op spends in dispatch on every call (a decode step makes one call per
+Linear: 43 at hidden 512, 211 for SmolLM2), and, on a CPU with AVX-512, its own GEMM instead
+of oneDNN's: a decode step's weights come from memory (SmolLM2's are 537 MB), and this one
+prefetches the next block of the weight while it computes the current one (the source says
+how, and how much faster).
 
 ``decode_attention(q, k, v, mask)`` (``csrc/decode_attention.cpp``) is
 ``loraserve.adapters.models.attention.decode_attention`` in one loop per (row, KV head), reading
@@ -233,11 +236,20 @@ def lora_rows(
 
 
 def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` through ``weight``'s oneDNN-packed twin, looked up (packed
-    on first use, and again after an in-place write) in the library's registry: the native
-    twin of ``loraserve.adapters.models.packed.packed_linear``. ``load()`` must have
+    """``F.linear(x, weight, bias)`` through ``weight``'s packed twin, looked up (packed on
+    first use, and again after an in-place write) in the library's registry: the native twin
+    of ``loraserve.adapters.models.packed.packed_linear``, computed by the library's own
+    AVX-512 GEMM where it was built for AVX-512 (``packed_kernel()``), else by oneDNN. Above
+    512 rows (a prefill) it calls the BLAS on ``weight`` itself. ``load()`` must have
     succeeded."""
     return torch.ops.loraserve_cpu.packed_linear(x, weight, bias)
+
+
+def packed_kernel() -> str:
+    """What computes ``packed_linear`` at decode sizes: ``"panels"`` (the library's AVX-512
+    GEMM over weights packed in 48-column panels) or ``"onednn"`` (a CPU without AVX-512).
+    ``load()`` must have succeeded."""
+    return torch.ops.loraserve_cpu.packed_kernel()
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""oneDNN-packed Linear weights: the CPU GEMM of the compiled decode step.
+"""Packed Linear weights: the CPU GEMM of the compiled decode step.
 
 On CPU, PyTorch's ``F.linear`` calls the BLAS sgemm (MKL in the stock wheel), which at decode
 shapes (M = batch, a few dozen rows) runs far from the machine's peak, and further still on AMD
@@ -18,7 +18,12 @@ Linear weight in host memory.
 
 Where the native CPU library is built (``loraserve.adapters.kernels.cpu``), ``pack_linears(...,
 native=True)`` computes through its C++ twin of this op, ``loraserve_cpu::packed_linear``: the
-same contract and registry semantics, without the Python op's dispatch cost on every call.
+same contract and registry semantics, without the Python op's dispatch cost on every call, and
+on a CPU with AVX-512 its own GEMM instead of oneDNN's. A decode step reads every weight from
+memory once (SmolLM2-135M's Linears are 537 MB), and oneDNN's GEMM does not hide that read;
+the library's packs each weight into panels of 48 output columns and prefetches the next
+panel while it computes this one (SmolLM2-135M-shaped decode step, batch 32, 2 Xeon cores:
+67-69 -> 56-58 ms).
 
 ``fuse_projections`` goes first: q/k/v and gate/up, which read one input, become one Linear
 each (their weights concatenated, the separate ones views of it), so one packed GEMM of the
