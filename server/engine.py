@@ -79,6 +79,7 @@ from loraserve.server.sampling import (
     make_generator,
     prompt_logprobs,
     sample,
+    torch_row_max,
 )
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,10 @@ class Engine:
         device: torch.device | str = "cpu",
         decoder=None,
         grammars=None,
+        row_max=torch_row_max,
     ):
         self.model = model
+        self.row_max = row_max  # each row's largest logit and its index (``sampling.sample``)
         self.decoder = decoder  # a DecodeStep (static shapes, compiled), or None: eager
         self.grammars = grammars  # structured output (``loraserve.server.grammar.Grammars``)
         self._masks: ThreadPoolExecutor | None = None  # fills token masks during a forward
@@ -661,7 +664,8 @@ class Engine:
             logits, hidden = out if scoring else (out, None)
             if masking is not None:
                 self._apply_masks(seqs, logits, *masking)
-            tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+            tokens, logprobs = sample(logits, params, gens, self.row_max)
         except Exception as err:  # one bad batch fails its requests, never the engine
             log.exception("forward failed for %d sequence(s)", len(seqs))
             for seq in seqs:

@@ -52,6 +52,7 @@ from loraserve.server.resources import (
     max_header_bytes,
     plan_memory,
 )
+from loraserve.server.sampling import torch_row_max
 from loraserve.server.watcher import AdapterWatcher
 
 __all__ = ["SERVER_VERSION", "Runtime", "ServerConfig"]
@@ -236,6 +237,7 @@ class Runtime:
             # read ahead from disk for as many waiting adapters as there are device slots
             prefetch=max(1, min(config.max_active_adapters, config.max_cached_adapters // 2)),
         )
+        self.row_max = torch_row_max  # the sampler's; the native op's with the native ops
         self.decoder = self._decoder(model, config)
         # structured output over the model's whole logits width (its tokenizer built on first
         # use); eos: the tokens that end a completed format
@@ -254,6 +256,7 @@ class Runtime:
             self.device,
             self.decoder,
             self.grammars,
+            self.row_max,
         )
         self.cache.wake = self.engine.wake
         self.metrics.bind_state(
@@ -310,7 +313,8 @@ class Runtime:
     def _use_native_ops(self, config: ServerConfig) -> None:
         """A static step on CPU in float32 computes its attention with the native op
         (``kernels.cpu``, built here the first time), and, with the gather backend, its LoRA
-        rows; without the library, torch's products (gather + bmm for the rows)."""
+        rows, and the sampler takes each row's largest logit with it; without the library,
+        torch's products (gather + bmm for the rows) and ``torch.max``."""
         if not (self.device.type == "cpu" and self.dtype == torch.float32):
             return
         start = time.perf_counter()
@@ -318,11 +322,13 @@ class Runtime:
             return
         log.info("native CPU ops ready in %.1f s", time.perf_counter() - start)
         self.kv_cache.decode_kernel = cpu_kernels.decode_attention
+        self.row_max = cpu_kernels.row_max
         if config.lora_backend == "gather" and self.table.num_slots > 0:
             self.table.context.row_op = cpu_kernels.lora_rows
 
     def _drop_native_ops(self) -> None:
         self.kv_cache.decode_kernel = decode_attention
+        self.row_max = torch_row_max
         self.table.context.row_op = None
 
     def check_adapter(self, adapter: Adapter) -> None:

@@ -73,15 +73,26 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+def torch_row_max(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's largest logit and its first index (NaN, and its index, where a row has
+    one): ``torch.max(logits, dim=-1)``."""
+    return logits.max(dim=-1)
+
+
 def sample(
-    logits: Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+    logits: Tensor,
+    params: list[SamplingParams],
+    gens: list[torch.Generator | None],
+    row_max: Callable[[Tensor], tuple[Tensor, Tensor]] = torch_row_max,
 ) -> tuple[list[int | ServingError], list[TokenLogprob | None]]:
     """``logits: [B, V]`` -> one token id per row, or the error that fails that row alone; and
-    per row its ``TokenLogprob`` when ``params.logprobs`` asks for one (None otherwise)."""
+    per row its ``TokenLogprob`` when ``params.logprobs`` asks for one (None otherwise).
+    ``row_max``: ``torch_row_max``, or the native CPU op with its semantics
+    (``loraserve.adapters.kernels.cpu.row_max``, float32 CPU logits)."""
     logits = logits.float()
     # one read-back for the argmax and the health of every row: its largest logit is finite
     # (torch.max propagates NaN; -inf elsewhere is a structured-output mask, not a fault)
-    largest, greedy = logits.max(dim=-1)
+    largest, greedy = row_max(logits)
     greedy, finite = torch.stack([greedy, torch.isfinite(largest).long()]).tolist()
     if not all(p.greedy and p.logprobs is None for p in params):
         logits = logits.cpu()

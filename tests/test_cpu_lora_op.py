@@ -222,6 +222,37 @@ def test_packed_linear_every_tile_and_panel_edge(rows, bias):
     torch.testing.assert_close(got, F.linear(wide, wt, b), atol=1e-4, rtol=1e-4)
 
 
+def test_row_max_is_torch_max():
+    """Each row's largest logit and the index of its first occurrence, as ``torch.max(dim=-1)``
+    gives them: vocabularies shorter than and not a multiple of the 16 lanes, ties (in one
+    lane and across lanes), rows of -inf (a structured-output mask), +inf, NaN (its first
+    index, whatever else the row holds), a non-contiguous input."""
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(n, v, generator=g) for n, v in ((1, 1), (3, 15), (2, 16), (5, 17), (32, 1000))
+    ]
+    ties = torch.zeros(5, 100)
+    ties[0, [37, 90]] = 5  # two lanes
+    ties[1, [3, 19, 35]] = 2  # one lane
+    ties[2] = float("-inf")  # all masked: index 0
+    ties[3, 99] = float("inf")  # in the tail
+    ties[4, [70, 20]] = float("-inf")  # zeros elsewhere: the first zero
+    nan = torch.randn(4, 70, generator=g)
+    nan[0, [40, 50]] = float("nan")
+    nan[1, 2] = float("inf")
+    nan[1, 65] = float("nan")  # NaN in the tail, after an inf
+    nan[2, 69] = float("nan")
+    nan[3] = float("nan")
+    strided = torch.randn(6, 80, generator=g)[:, ::3]
+    for logits in (*cases, ties, nan, strided):
+        values, indices = cpu_kernels.row_max(logits)
+        want_values, want_indices = logits.max(dim=-1)
+        assert torch.equal(indices, want_indices), (logits.shape, indices, want_indices)
+        torch.testing.assert_close(values, want_values, equal_nan=True)
+    with pytest.raises(RuntimeError, match="float32 logits"):
+        cpu_kernels.row_max(torch.zeros(2, 3, dtype=torch.float64))
+
+
 def test_packed_twins_follow_their_weights():
     """A weight written in place is packed again; a freed weight's twin is dropped when the
     next one is packed, and a new weight at the same address never gets a stale twin."""

@@ -91,10 +91,11 @@ def serve(config, requests) -> tuple[list[list[int]], set[int]]:
         decoder = runtime.engine.decoder
         if decoder is not None and decoder.device.type == "cpu":
             # the static step on CPU computes its attention and LoRA rows with the native ops
-            # (where they build)
+            # (where they build), and the sampler its greedy tokens
             native = cpu_kernels.available() and runtime.dtype == torch.float32
             attend = runtime.kv_cache.decode_kernel
             assert (attend is cpu_kernels.decode_attention) == native
+            assert (runtime.engine.row_max is cpu_kernels.row_max) == native
             if runtime.table.num_slots:
                 assert (runtime.table.context.row_op is not None) == native
         if decoder is not None and decoder.mode == "inductor" and can_pack("cpu", torch.float32):

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name("csrc") / n
-    for n in ("lora_rows.cpp", "packed_linear.cpp", "decode_attention.cpp")
+    for n in ("lora_rows.cpp", "packed_linear.cpp", "decode_attention.cpp", "greedy.cpp")
 )
 # -fno-math-errno: expf in a loop vectorises (libmvec) only when it need not set errno
 FLAGS = [
@@ -194,6 +194,7 @@ def _build_and_register() -> None:
     torch.library.register_fake("loraserve_cpu::lora_rows")(_fake)
     torch.library.register_fake("loraserve_cpu::packed_linear")(_fake_linear)
     torch.library.register_fake("loraserve_cpu::decode_attention")(_fake_attention)
+    torch.library.register_fake("loraserve_cpu::row_max")(_fake_row_max)
 
 
 def _fake(
@@ -208,6 +209,11 @@ def _fake_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_row_max(logits: Tensor) -> tuple[Tensor, Tensor]:
+    n = logits.shape[0]
+    return logits.new_empty(n), logits.new_empty(n, dtype=torch.long)
 
 
 def available() -> bool:
@@ -258,6 +264,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     semantics of ``models.attention.decode_attention``, except that a masked position adds
     nothing even when it is not finite). ``load()`` must have succeeded."""
     return torch.ops.loraserve_cpu.decode_attention(q, k, v, mask)
+
+
+def row_max(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.max(logits, dim=-1)`` for float32 CPU logits ``[n, V]``: each row's largest
+    value and the index of its first occurrence; a row with a NaN gives NaN and its first NaN's
+    index. One pass per row (ATen's max-with-index takes 0.5-1.1 ms over 32 x 49152 logits on
+    2 cores). ``load()`` must have succeeded."""
+    return torch.ops.loraserve_cpu.row_max(logits)
 
 
 def forget_packed() -> None:
