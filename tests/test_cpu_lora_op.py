@@ -196,14 +196,18 @@ def test_packed_linear_every_tile_and_panel_edge(rows, bias):
     """The op's GEMM at every edge of its tiling: rows not a multiple of the 8-row tile (and
     past the size where it hands over to the BLAS), outputs not a multiple of the 48-column
     panel (a narrow one, a partial last panel), odd inner sizes, a strided input and a
-    transposed (non-contiguous) weight."""
+    transposed (non-contiguous) weight. Each weight the op packed keeps a twin: the count
+    shows which products took the packed GEMM and which the BLAS."""
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
     avx512 = any(line.startswith("flags") and " avx512f" in line for line in lines)
     assert cpu_kernels.packed_kernel() == ("panels" if avx512 else "onednn")
+    forget_packed()
     g = torch.Generator().manual_seed(rows)
+    weights = []  # alive until the count (a freed weight's twin goes)
     for d_in, d_out in ((5, 3), (72, 40), (33, 97), (576, 960), (129, 48)):
         w = torch.randn(d_out, d_in, generator=g)
+        weights.append(w)
         b = torch.randn(d_out, generator=g) if bias else None
         x = torch.randn(rows, d_in, generator=g)
         want = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -220,6 +224,11 @@ def test_packed_linear_every_tile_and_panel_edge(rows, bias):
             cpu_kernels.packed_linear(wide, inference_w, b), got, atol=1e-4, rtol=1e-4
         )
     torch.testing.assert_close(got, F.linear(wide, wt, b), atol=1e-4, rtol=1e-4)
+    # the panel GEMM up to 512 rows (five weights and the transposed one, not the inference
+    # one), the BLAS above; oneDNN packs them all
+    packed = 6 if rows <= 512 or not avx512 else 0
+    assert torch.ops.loraserve_cpu.packed_count() == packed, weights
+    forget_packed()
 
 
 def test_row_max_is_torch_max():

@@ -84,6 +84,9 @@ def test_every_top_level_name_is_loraserve(wheels):
         for init in (ROOT / folder).rglob("__init__.py"):
             module = init.relative_to(ROOT).as_posix()
             assert f"loraserve/{module}" in files, f"{module}: add its package to pyproject.toml"
+    # and everything the native CPU ops are built from (the server builds them on first start)
+    for source in (ROOT / "adapters" / "kernels" / "csrc").iterdir():
+        assert f"loraserve/adapters/kernels/csrc/{source.name}" in files, source.name
 
 
 def test_the_client_installs_and_runs_without_torch(wheels, tmp_path):

@@ -64,10 +64,11 @@ from . import KernelUnavailable
 
 log = logging.getLogger(__name__)
 
+CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / n
-    for n in ("lora_rows.cpp", "packed_linear.cpp", "decode_attention.cpp", "greedy.cpp")
+    CSRC / n for n in ("lora_rows.cpp", "packed_linear.cpp", "decode_attention.cpp", "greedy.cpp")
 )
+HEADERS = (CSRC / "dots.h",)  # what the sources include: part of the library's key
 # -fno-math-errno: expf in a loop vectorises (libmvec) only when it need not set errno
 FLAGS = [
     *("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"),
@@ -101,7 +102,7 @@ def library_path(cxx: str) -> Path:
     """The built library for this source, torch, compiler and CPU (``-march=native``)."""
     key = hashlib.sha256()
     for part in (
-        *(source.read_bytes() for source in SOURCES),
+        *(source.read_bytes() for source in (*SOURCES, *HEADERS)),
         torch.__version__.encode(),
         _compiler_version(cxx).encode(),
         " ".join(FLAGS).encode(),

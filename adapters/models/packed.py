@@ -21,7 +21,7 @@ native=True)`` computes through its C++ twin of this op, ``loraserve_cpu::packed
 same contract and registry semantics, without the Python op's dispatch cost on every call, and
 on a CPU with AVX-512 its own GEMM instead of oneDNN's. A decode step reads every weight from
 memory once (SmolLM2-135M's Linears are 537 MB), and oneDNN's GEMM does not hide that read;
-the library's packs each weight into panels of 48 output columns and prefetches the next
+the library packs each weight into panels of 48 output columns and prefetches the next
 panel while it computes this one (SmolLM2-135M-shaped decode step, batch 32, 2 Xeon cores:
 67-69 -> 56-58 ms).
 

@@ -30,6 +30,8 @@
 #include <limits>
 #include <vector>
 
+#include "dots.h"
+
 namespace {
 
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -71,32 +73,8 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       for (int64_t j = 0; j < G; ++j) {  // scores, four K rows per pass (four independent sums)
         const float* qj = qg + j * qh;
         float* s = scores.data() + j * T;
-        int64_t t = 0;
-        for (; t + 4 <= T; t += 4) {
-          const float* k0 = kg + t * kt;
-          const float *k1 = k0 + kt, *k2 = k1 + kt, *k3 = k2 + kt;
-          float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
-#pragma omp simd reduction(+ : c0, c1, c2, c3)
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qj[d];
-            c0 += qd * k0[d];
-            c1 += qd * k1[d];
-            c2 += qd * k2[d];
-            c3 += qd * k3[d];
-          }
-          s[t] = c0 * scale;
-          s[t + 1] = c1 * scale;
-          s[t + 2] = c2 * scale;
-          s[t + 3] = c3 * scale;
-        }
-        for (; t < T; ++t) {
-          const float* kr = kg + t * kt;
-          float c = 0.f;
-#pragma omp simd reduction(+ : c)
-          for (int64_t d = 0; d < D; ++d) c += qj[d] * kr[d];
-          s[t] = c * scale;
-        }
-        for (t = 0; t < T; ++t) {
+        loraserve::scaled_dots(qj, kg, kt, D, T, scale, s);
+        for (int64_t t = 0; t < T; ++t) {
           if (!m[t * mt]) s[t] = kNegInf;
         }
       }

@@ -29,21 +29,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "dots.h"
 
 namespace {
 
-// A table value widened to float32. A bfloat16 is the top half of a float32: a shift and a bit
-// cast, which the compiler vectorises. A float16 goes through c10::Half's conversion.
-inline float widen(float v) { return v; }
-inline float widen(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float widen(c10::Half v) { return static_cast<float>(v); }
+using loraserve::widen;
 
 constexpr int64_t kTile = 4;      // rows on the same slots computed together
 constexpr int64_t kColumns = 256;  // output columns a tile's expand updates at a time
@@ -60,34 +52,8 @@ void row(const float* xb, const float* yb, const T* Ap, const T* Bp, const int64
     const float w = wb ? wb[m] : 1.f;
     const T* As = Ap + s * R * in;
     const T* Bs = Bp + s * R * o;
+    loraserve::scaled_dots(xb, As, in, in, r, w, h);  // shrink: h = w * A[s, :r] x
     int64_t k = 0;
-    for (; k + 4 <= r; k += 4) {  // shrink, four ranks at a time: x read once for four
-      const T* a0 = As + k * in;
-      const T* a1 = a0 + in;
-      const T* a2 = a1 + in;
-      const T* a3 = a2 + in;
-      float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
-#pragma omp simd reduction(+ : c0, c1, c2, c3)
-      for (int64_t i = 0; i < in; ++i) {
-        const float xi = xb[i];
-        c0 += xi * widen(a0[i]);
-        c1 += xi * widen(a1[i]);
-        c2 += xi * widen(a2[i]);
-        c3 += xi * widen(a3[i]);
-      }
-      h[k] = c0 * w;
-      h[k + 1] = c1 * w;
-      h[k + 2] = c2 * w;
-      h[k + 3] = c3 * w;
-    }
-    for (; k < r; ++k) {
-      const T* a = As + k * in;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < in; ++i) acc += xb[i] * widen(a[i]);
-      h[k] = acc * w;
-    }
-    k = 0;
     for (; k + 4 <= r; k += 4) {  // expand, four ranks at a time: out[b] updated once per four
       const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
       const T* b0 = Bs + k * o;

@@ -99,7 +99,7 @@ inline __mmask16 lanes(int64_t n) {  // the first n of 16 lanes (n may be <= 0 o
 }
 
 // y[r, 0:cols] = bias[0:cols] + sum_k x[r, k] * panel[k, 0:cols] for the tile's R rows; while
-// it runs, prefetch `lines` cache lines from `ahead` (one every `every` k, into L2).
+// it runs, prefetch `lines` cache lines from `ahead` into L2, spread evenly over its k loop.
 template <int R>
 void tile(const float* __restrict x, int64_t K, const float* __restrict panel, float* y,
           int64_t ldy, int64_t cols, const float* bias, const char* ahead, int64_t lines) {
@@ -109,7 +109,6 @@ void tile(const float* __restrict x, int64_t K, const float* __restrict panel, f
                           : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) acc[r][j] = b;
   }
-  // the tile's share of the next panel, spread evenly over its k loop
   const int64_t per_k = lines > 0 ? (lines + K - 1) / K : 0;
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t i = 0; i < per_k; ++i) {
